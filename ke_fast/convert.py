@@ -152,10 +152,11 @@ def reinit_(model: nn.Module, generation: int, *, init: str = "kaiming_uniform_a
     strided: list[tuple[torch.Tensor, torch.Tensor]] = []  # (parameter, contiguous working copy)
 
     def data(p: torch.Tensor) -> torch.Tensor:
-        # masks follow the row-major order: e.g. a channels_last weight is reset in a contiguous copy
+        # detach() shares the parameter's version counter: the reset shows as an in-place change.
+        # Masks follow the row-major order: e.g. a channels_last weight is reset in a contiguous copy.
         if p.is_contiguous():
-            return p.data
-        strided.append((p, p.data.contiguous()))
+            return p.detach()
+        strided.append((p, p.detach().contiguous()))
         return strided[-1][1]
 
     for _, m in layers:
@@ -172,13 +173,13 @@ def reinit_(model: nn.Module, generation: int, *, init: str = "kaiming_uniform_a
     key = (seed, init, fan_mode, tuple((w.data_ptr(), m.data_ptr(), m._version) for w, m in zip(weights, words)))
     cached = _PLANS.get(model)
     if cached is None or cached[0] != key:  # validated and laid out once, reused every generation
-        cached = (key, ops.reinit_plan(weights, words, seed=seed, fans=fans, layer_ids=ids, init=init,
-                                       fan_mode=fan_mode))
+        cached = (key, ops.ReinitPlan(weights, words, seed=seed, fans=fans, layer_ids=ids, init=init,
+                                      fan_mode=fan_mode))
         _PLANS[model] = cached
     with torch.no_grad():
         cached[1].run(generation, purpose)
         for p, work in strided:
-            p.data.copy_(work)
+            p.detach().copy_(work)
     return model
 
 

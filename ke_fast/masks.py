@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from . import kernels as K
+from . import ops
 
 SPLIT_MODES = ("kels", "wels")
 LAYER_MODES = SPLIT_MODES + ("custom",)  # "custom": a mask adopted from other code
@@ -37,7 +38,7 @@ def layer_mask(shape: Sequence[int] | torch.Size, mode: str, split_rate: float, 
     check_mode(mode)
     s = K.check_split_rate(split_rate)
     if mode == "wels":
-        return K.wels_mask_bits(shape, s, seed=seed, stream=K.layer_stream(generation, layer_index), device=device)
+        return ops.wels_mask_bits(shape, s, seed=seed, stream=K.layer_stream(generation, layer_index), device=device)
     if out_segments is not None and not keep_all_outputs:
         if sum(out_segments) != shape[0]:
             raise ValueError(f"out_segments {list(out_segments)} do not add up to the {shape[0]} filters")

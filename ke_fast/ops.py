@@ -1,82 +1,279 @@
-"""torch.library ops ``ke_fast::*``: the only door from the nn layer to the kernels.
+"""torch.library ops ``ke_fast::*``: the one door from the nn layer to the kernels.
 
-Each op dispatches on the tensors' device inside ``ke_fast.kernels`` (CUDA -> Triton, CPU -> C++ or
-the reference, ``KE_FAST_BACKEND`` to force), has a fake (meta) implementation and, where it is
-differentiable, an autograd formula — so ``torch.compile(fullgraph=True)`` treats it as one opaque
-node and ``torch.library.opcheck`` passes. (``custom_op`` rather than ``triton_op``/``wrap_triton``:
-the latter cannot trace kernels under the Triton interpreter.)
+Every op is defined once here and registers, per device, the kernel that runs it:
+
+=================  =====================================  ==========================================
+op                 ``cuda``                               ``cpu``
+=================  =====================================  ==========================================
+masked_weight      Triton (kernels/masked.py)             C++ (kernels/csrc), else the reference
+wels_bits\\_        Triton (kernels/bitmask.py)            C++, else the reference
+reset_entries\\_    Triton (kernels/reinit.py)             C++, else the reference
+sparse_conv2d      Triton (kernels/sparse_conv.py)        the reference (decompress + F.conv2d)
+sparse_linear      Triton (kernels/sparse_conv.py)        the reference (decompress + F.linear)
+=================  =====================================  ==========================================
+
+plus a fake (meta) kernel each, and an autograd formula where the op is differentiable
+(``masked_weight``: its gradient is ``grad * M``), so ``torch.compile(fullgraph=True)`` sees one opaque
+node per op and ``torch.library.opcheck`` passes. The kernels in ``kernels/`` are single-implementation
+functions with one signature per op; nothing outside this file chooses between them.
+
+``KE_FAST_BACKEND=auto|triton|cpp|reference`` (default ``auto``) is a debug override, read only by
+:func:`implementation`. It offers only what is legal on the host: Triton on CPU tensors only under
+``TRITON_INTERPRET=1`` (set before ke_fast is imported), the C++ kernels only on CPU tensors and only
+where they could be built; ``cpp`` runs the reference for ops that have no C++ kernel.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Callable, Optional, Sequence
 
 import torch
 
 from . import kernels
-from .kernels import masked as _masked
-from .kernels.rng import as_int64
+from .kernels import backend, bitmask, cpu, masked, reference
+from .kernels import reinit as _reinit
+from .kernels import sparse_conv as _sparse
+from .kernels.rng import PURPOSE_INIT, PURPOSE_RESET, as_int64, check_seed, stream_prefix
+
+ENV = "KE_FAST_BACKEND"
+IMPLEMENTATIONS = ("triton", "cpp", "reference")
+DEVICE_TYPES = ("cpu", "cuda")
 
 
-@torch.library.custom_op("ke_fast::masked_weight", mutates_args=())
-def masked_weight(weight: torch.Tensor, words: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """``(weight * M).to(dtype)`` in one pass; its gradient is ``grad * M`` in one pass."""
-    return _masked.apply_mask(weight, words, dtype)
+# ---- choosing the implementation: the one place ---------------------------------------------------
+
+def legal_implementations(device_type: str, *, interpreting: bool | None = None,
+                          cpp: bool | None = None) -> tuple[str, ...]:
+    """The implementations that can run on tensors of ``device_type`` on this host, the default first.
+
+    ``cuda``: triton, reference. ``cpu``: cpp (where the C++ kernels build), triton (only under the
+    Triton interpreter), reference. ``interpreting`` / ``cpp`` override what the host says (for tests
+    that reason about other hosts); ``cpp=None`` builds the C++ kernels on first use to find out."""
+    if device_type == "cuda":
+        return ("triton", "reference")
+    if device_type != "cpu":
+        return ("reference",)
+    interpreting = backend.interpreting() if interpreting is None else interpreting
+    cpp = (backend.cpu_extension() is not None) if cpp is None else cpp
+    return (("cpp",) if cpp else ()) + (("triton",) if interpreting else ()) + ("reference",)
 
 
-@masked_weight.register_fake
+def implementation(device_type: str) -> str:
+    """The implementation that runs ke_fast ops on ``device_type`` tensors: the host's default
+    (CUDA: Triton; CPU: the C++ kernels, the reference where they cannot be built) unless
+    ``KE_FAST_BACKEND`` names another legal one. Raises ValueError / RuntimeError naming the variable."""
+    want = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if want != "auto" and want not in IMPLEMENTATIONS:
+        raise ValueError(f"{ENV} must be one of auto, {', '.join(IMPLEMENTATIONS)}; got {want!r}")
+    legal = legal_implementations(device_type)
+    if want == "auto":
+        return legal[0]
+    if want not in legal:
+        why = ""
+        if want == "triton" and device_type == "cpu":
+            why = ": Triton on CPU tensors needs TRITON_INTERPRET=1 set before ke_fast is imported"
+        elif want == "cpp" and device_type == "cpu":
+            why = f": the C++ CPU kernels could not be built ({backend.cpu_extension_error()})"
+        elif want == "cpp":
+            why = ": the C++ kernels run on CPU tensors only"
+        raise RuntimeError(f"{ENV}={want} cannot run on {device_type} tensors on this host{why}; "
+                           f"available: {', '.join(legal)}")
+    return want
+
+
+def _pick(impls: dict[str, Callable], device_type: str) -> Callable:
+    which = implementation(device_type)
+    return impls.get(which, impls["reference"])  # cpp for an op without a C++ kernel: the reference
+
+
+def _define(name: str, schema: str, impls: dict[str, Callable], prepare: Callable,
+            mutates: tuple[str, ...] = ()) -> torch.library.CustomOpDef:
+    """Define ``ke_fast::<name>`` and register one kernel per device type: ``prepare(*args)`` validates
+    and normalises the arguments (it raises before any work), then the implementation runs."""
+
+    def unsupported(*args, **kwargs):
+        raise NotImplementedError(f"ke_fast::{name} has kernels for {' and '.join(DEVICE_TYPES)} tensors only")
+
+    op = torch.library.custom_op(f"ke_fast::{name}", unsupported, mutates_args=mutates, schema=schema)
+    for device_type in DEVICE_TYPES:
+        def kernel(*args, _device_type=device_type):
+            return _pick(impls, _device_type)(*prepare(*args))
+
+        kernel.__name__ = f"{name}_{device_type}"
+        op.register_kernel(device_type)(kernel)
+    return op
+
+
+# ---- masked weight -------------------------------------------------------------------------------
+
+def _masked_prepare(weight, words, dtype=None):
+    dtype = masked.check_args(weight, words, dtype)
+    return weight.contiguous(), words.contiguous(), dtype
+
+
+_masked_op = _define("masked_weight", "(Tensor weight, Tensor words, ScalarType? dtype=None) -> Tensor",
+                     {"triton": masked.apply_mask, "cpp": cpu.apply_mask, "reference": reference.apply_mask},
+                     _masked_prepare)
+
+
+@_masked_op.register_fake
 def _(weight, words, dtype=None):
-    return torch.empty(weight.shape, dtype=weight.dtype if dtype is None else dtype, device=weight.device)
+    dtype = masked.check_args(weight, words, dtype)
+    return weight.new_empty(weight.shape, dtype=dtype)
 
 
-def _setup(ctx, inputs, output):
+def _masked_setup(ctx, inputs, output):
     weight, words, _ = inputs
     ctx.save_for_backward(words)
     ctx.weight_dtype = weight.dtype
 
 
-def _backward(ctx, grad):
+def _masked_backward(ctx, grad):
     (words,) = ctx.saved_tensors
-    return masked_weight(grad, words, ctx.weight_dtype), None, None
+    return torch.ops.ke_fast.masked_weight.default(grad, words, ctx.weight_dtype), None, None
 
 
-masked_weight.register_autograd(_backward, setup_context=_setup)
+_masked_op.register_autograd(_masked_backward, setup_context=_masked_setup)
 
 
-@torch.library.custom_op("ke_fast::reinit_", mutates_args=("weights",))
-def _reinit_op(weights: list[torch.Tensor], words: list[torch.Tensor], seed: int, generation: int, init: str,
-               fans: list[int], layer_ids: list[int], fan_mode: str, purpose: str) -> None:
-    kernels.reinit_(weights, words, seed=seed & ((1 << 64) - 1), generation=generation, init=init,
-                    fans=[(fans[2 * i], fans[2 * i + 1]) for i in range(len(weights))], layer_ids=layer_ids,
-                    fan_mode=fan_mode, purpose=purpose)
+def masked_weight(weight: torch.Tensor, words: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``(weight * M).to(dtype)`` in one pass (M unpacked from the int32 ``words``, 1 = keep; ``dtype``
+    defaults to the weight's); its gradient is ``grad * M`` in one pass. Any strides; the mask follows
+    the weight's logical row-major order."""
+    return torch.ops.ke_fast.masked_weight.default(weight, words, dtype)
 
 
-@_reinit_op.register_fake
-def _(weights, words, seed, generation, init, fans, layer_ids, fan_mode, purpose):
+# ---- WELS mask bits --------------------------------------------------------------------------------
+
+def _wels_prepare(out, numel, seed, stream, threshold):
+    if out.dtype != torch.int32 or out.dim() != 1 or out.numel() != bitmask.num_words(numel) \
+            or not out.is_contiguous():
+        raise ValueError(f"out must be {bitmask.num_words(numel)} contiguous int32 words for {numel} elements, "
+                         f"got {out.dtype} of shape {tuple(out.shape)}")
+    return out, numel, seed, stream, threshold
+
+
+_wels_op = _define("wels_bits_", "(Tensor(a!) out, int numel, int seed, int stream, int threshold) -> ()",
+                   {"triton": bitmask.wels_bits_, "cpp": cpu.wels_bits_, "reference": reference.wels_bits_},
+                   _wels_prepare, mutates=("out",))
+
+
+@_wels_op.register_fake
+def _(out, numel, seed, stream, threshold):
     return None
 
 
-def reinit_plan(weights: Sequence[torch.Tensor], words: Sequence[torch.Tensor], *, seed: int,
-                fans: Sequence[tuple[int, int]], layer_ids: Sequence[int], init: str = "kaiming_uniform_a_sqrt5",
-                fan_mode: str = "fan_in") -> kernels.ReinitPlan:
-    """The eager path for repeated resets: a validated launch plan whose ``run(generation)`` is one
-    kernel launch per dtype (``ke_fast.reinit_`` caches one per model). Not traceable: under
-    torch.compile use :func:`reinit_`."""
-    return kernels.ReinitPlan(list(weights), list(words), seed=seed, fans=list(fans), layer_ids=list(layer_ids),
-                              init=init, fan_mode=fan_mode)
+def wels_mask_bits(shape: Sequence[int] | torch.Size, split_rate: float, *, seed: int, stream: int,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """WELS mask words for a weight of ``shape``: each weight is fit with probability ``split_rate``.
+
+    Drawn straight into bits from (seed, stream) by the counter RNG, so the same call gives the same
+    bits on every device, implementation and rank. ``stream`` is any int in [0, 2^64) (see
+    :func:`ke_fast.kernels.layer_stream`)."""
+    numel, threshold = bitmask.check_wels_args(shape, split_rate, seed, stream)
+    out = torch.empty(bitmask.num_words(numel), dtype=torch.int32, device=device)
+    torch.ops.ke_fast.wels_bits_.default(out, numel, as_int64(seed), as_int64(stream), threshold)
+    return out
 
 
-def reinit_(weights: Sequence[torch.Tensor], words: Sequence[torch.Tensor], *, seed: int, generation: int,
-            fans: Sequence[tuple[int, int]], layer_ids: Sequence[int], init: str = "kaiming_uniform_a_sqrt5",
-            fan_mode: str = "fan_in", purpose: str = "reset") -> None:
-    """``ke_fast::reinit_`` with a Pythonic signature (seed in [0, 2^64), fans as pairs)."""
-    kernels.rng.check_seed(seed)
-    flat = [int(f) for pair in fans for f in pair]
-    _reinit_op(list(weights), list(words), as_int64(seed), generation, init, flat, list(layer_ids), fan_mode, purpose)
+# ---- the reset ---------------------------------------------------------------------------------------
+
+def _reset_prepare(weights, words, table, tiles, seed, prefix, has_normal):
+    if len(weights) != len(words) or table.shape != (len(weights), 8):
+        raise ValueError(f"a reset table has one row per weight: {len(weights)} weights, {len(words)} words, "
+                         f"table of shape {tuple(table.shape)}")
+    return weights, words, table, tiles, seed, prefix, has_normal
 
 
-# ---- sparse WELS layers: the dispatcher --------------------------------------------------------
-# Sparse (Triton, compressed weight) or dense (decompressed W*M + cuDNN/cuBLAS) per layer and batch.
+_reset_op = _define(
+    "reset_entries_",
+    "(Tensor(a!)[] weights, Tensor[] words, Tensor table, Tensor tiles, int seed, int prefix, bool has_normal) -> ()",
+    {"triton": _reinit.reset_entries_, "cpp": cpu.reset_entries_, "reference": reference.reset_entries_},
+    _reset_prepare, mutates=("weights",))
+
+
+@_reset_op.register_fake
+def _(weights, words, table, tiles, seed, prefix, has_normal):
+    return None
+
+
+class ReinitPlan:
+    """Re-draw the reset entries (mask bit 0) of many tensors: validated and laid out once, then
+    :meth:`run` per generation — one ``ke_fast::reset_entries_`` call (one kernel launch on a GPU) per
+    dtype, with no per-layer host work. ``ke_fast.reinit_(model, g)`` keeps one plan per model.
+
+    Args:
+        weights: contiguous fp32/fp16/bf16/fp64 tensors on one device (conv/linear weights and biases).
+        masks: one per weight: packed int32 words (``ceil(numel/32)``) or a bool/uint8/float 0-1 tensor
+            of the weight's shape (e.g. the official KE code's float ``mask``). 1 = fit (kept).
+        seed: the run's seed (Philox key), an int in [0, 2^64).
+        init: reset scheme, one of ``kernels.SCHEMES``; default the official KE reset U(+-1/sqrt(fan_in)).
+        fans: per weight ``(fan_in, fan_out)`` or None to derive it from the shape (required for 1-D
+            tensors: biases take U(+-1/sqrt(fan_in)) of their layer).
+        layer_ids: per weight the layer index of its stream (default: the position in the list). Values
+            depend on (seed, purpose, generation, layer id, element index) only.
+        fan_mode: ``fan_in`` or ``fan_out`` for the kaiming schemes.
+    Raises TypeError / ValueError naming the argument before anything is written. The plan keeps
+    references to ``weights``: rebuild it if their storage changes (e.g. after ``model.to(...)``).
+    """
+
+    def __init__(self, weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], *, seed: int,
+                 init: str = "kaiming_uniform_a_sqrt5", fans: Sequence[tuple[int, int] | None] | None = None,
+                 layer_ids: Sequence[int] | None = None, fan_mode: str = "fan_in") -> None:
+        self.seed = check_seed(seed)
+        jobs = _reinit.prepare(weights, masks, init, fans, layer_ids, fan_mode)
+        self.weights = list(weights)
+        self._launches = [_reinit.launch_table(group) for group in _reinit.dtype_groups(jobs)]
+
+    def run(self, generation: int, purpose: str = "reset") -> None:
+        """Re-draw the reset entries for ``generation`` (``purpose="init"``: the generation-0 values)."""
+        _reinit.check_generation(generation, purpose)
+        prefix = as_int64(stream_prefix(PURPOSE_RESET if purpose == "reset" else PURPOSE_INIT, generation))
+        for weights, words, table, tiles, has_normal in self._launches:
+            torch.ops.ke_fast.reset_entries_.default(weights, words, table, tiles, as_int64(self.seed), prefix,
+                                                     has_normal)
+
+
+# ---- sparse WELS layers ----------------------------------------------------------------------------
+
+def _pair(v: int | Sequence[int]) -> list[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(v[0]), int(v[1])]
+
+
+def _conv_prepare(x, bits, values, offsets, shape, bias, stride, padding, dilation, groups):
+    _sparse.check_conv_args(x, shape, groups)
+    return x, bits, values, offsets, shape, bias, stride, padding, dilation, groups
+
+
+def _linear_prepare(x, bits, values, offsets, shape, bias):
+    _sparse.check_linear_args(x, shape)
+    return x, bits, values, offsets, shape, bias
+
+
+_conv_op = _define("sparse_conv2d",
+                   "(Tensor x, Tensor bits, Tensor values, Tensor offsets, int[] shape, Tensor? bias, int[] stride, "
+                   "int[] padding, int[] dilation, int groups) -> Tensor",
+                   {"triton": _sparse.sparse_conv2d, "reference": reference.sparse_conv2d}, _conv_prepare)
+_linear_op = _define("sparse_linear",
+                     "(Tensor x, Tensor bits, Tensor values, Tensor offsets, int[] shape, Tensor? bias) -> Tensor",
+                     {"triton": _sparse.sparse_linear, "reference": reference.sparse_linear}, _linear_prepare)
+
+
+@_conv_op.register_fake
+def _(x, bits, values, offsets, shape, bias, stride, padding, dilation, groups):
+    _sparse.check_conv_args(x, shape, groups)
+    out = x.new_empty(_sparse.conv_out_size(x.shape, shape, stride, padding, dilation))
+    return out.contiguous(memory_format=torch.channels_last)
+
+
+@_linear_op.register_fake
+def _(x, bits, values, offsets, shape, bias):
+    _sparse.check_linear_args(x, shape)
+    return x.new_empty((*x.shape[:-1], shape[0]))
+
+
+# The dispatcher: sparse (Triton, compressed weight) or dense (W*M + cuDNN/cuBLAS) per layer and batch.
 # The sparse kernel can only win where the layer is weight-bound: few GEMM rows (batch x output
 # pixels) against many weights. The thresholds below come from that roofline argument, NOT from GPU
 # measurements (none were available when they were set): re-derive them from
@@ -86,38 +283,41 @@ SPARSE_MAX_DENSITY = 0.7
 
 
 def use_sparse(rows: int, density: float, device: torch.device) -> bool:
-    """Whether the Triton sparse kernel runs for a layer with ``rows`` GEMM rows and this density."""
+    """Whether a sparse layer with ``rows`` GEMM rows and this density runs the Triton sparse kernel."""
     want = os.environ.get("KE_FAST_SPARSE", "auto").lower()
     if want not in ("auto", "on", "off"):
         raise ValueError(f"KE_FAST_SPARSE must be auto, on or off, got {want!r}")
-    if kernels.backend.choose(device) != "triton" or want == "off":
+    if want == "off" or implementation(device.type) != "triton":
         return False
     return want == "on" or (rows <= SPARSE_MAX_ROWS and density <= SPARSE_MAX_DENSITY)
 
 
-def _out_rows(x: torch.Tensor, cw, stride, padding, dilation) -> int:
-    _, _, r, s = cw.shape
-    oh = (x.shape[2] + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
-    ow = (x.shape[3] + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
-    return x.shape[0] * oh * ow
-
-
-def sparse_conv2d(x, cw, bias, stride, padding, dilation, groups,
+def sparse_conv2d(x: torch.Tensor, cw: kernels.sparse_conv.Compressed, bias: torch.Tensor | None = None,
+                  stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0,
+                  dilation: int | Sequence[int] = 1, groups: int = 1,
                   dense_weight: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
     """conv2d with a compressed weight, sparse or dense as :func:`use_sparse` decides; ``dense_weight``
     supplies W*M for the dense path (default: decompress on every call)."""
-    sc = kernels.sparse_conv
-    if use_sparse(_out_rows(x, cw, stride, padding, dilation), sc.density_of(cw), x.device):
-        return sc.sparse_conv2d(x, cw, bias, stride, padding, dilation, groups, backend_name="triton")
-    w = dense_weight() if dense_weight is not None else sc.decompress(cw)
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    _sparse.check_conv_args(x, cw.shape, groups)
+    rows = x.shape[0] * math.prod(_sparse.conv_out_size(x.shape, cw.shape, stride, padding, dilation)[2:])
+    if use_sparse(rows, _sparse.density_of(cw), x.device):
+        return torch.ops.ke_fast.sparse_conv2d.default(x, cw.bits, cw.values, cw.offsets, list(cw.shape), bias,
+                                                       stride, padding, dilation, groups)
+    w = dense_weight() if dense_weight is not None else _sparse.decompress(cw)
     return torch.nn.functional.conv2d(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype), stride, padding,
                                       dilation, groups)
 
 
-def sparse_linear(x, cw, bias, dense_weight: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+def sparse_linear(x: torch.Tensor, cw: kernels.sparse_conv.Compressed, bias: torch.Tensor | None = None,
+                  dense_weight: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
     """linear with a compressed weight, sparse or dense as :func:`use_sparse` decides."""
-    sc = kernels.sparse_conv
-    if use_sparse(x.numel() // max(1, x.shape[-1]), sc.density_of(cw), x.device):
-        return sc.sparse_linear(x, cw, bias, backend_name="triton")
-    w = dense_weight() if dense_weight is not None else sc.decompress(cw)
+    _sparse.check_linear_args(x, cw.shape)
+    if use_sparse(x.numel() // max(1, x.shape[-1]), _sparse.density_of(cw), x.device):
+        return torch.ops.ke_fast.sparse_linear.default(x, cw.bits, cw.values, cw.offsets, list(cw.shape), bias)
+    w = dense_weight() if dense_weight is not None else _sparse.decompress(cw)
     return torch.nn.functional.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+OPS = ("masked_weight", "wels_bits_", "reset_entries_", "sparse_conv2d", "sparse_linear")
+"""Every op of the ``ke_fast`` namespace."""

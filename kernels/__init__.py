@@ -1,17 +1,18 @@
-"""ke_fast.kernels: Triton kernels and plain launchers on tensors — the backend any KE code can call.
+"""ke_fast.kernels: Triton kernels and plain single-implementation launchers on tensors.
 
-No nn.Module, no autograd here. On CUDA tensors the Triton kernels run; on CPU tensors the C++
-kernels (or the PyTorch reference); ``KE_FAST_BACKEND`` forces a path (see :mod:`.backend`).
+No nn.Module, no autograd and no choice of implementation here: each op has a Triton launcher (in the
+module of its kernel), a C++ CPU entry point (:mod:`.cpu`) and a PyTorch reference (:mod:`.reference`)
+with one signature, and :mod:`ke_fast.ops` registers them per device. This package also holds what
+every implementation shares: the bit-mask format, the counter RNG, reset schemes and their validation.
 """
-from .bitmask import (check_split_rate, density, kels_mask_bits, layer_stream, num_words, pack_mask, popcount,
-                      unpack_mask, wels_mask_bits)
 from . import rng, sparse_conv
-from .reinit import SCHEMES, ReinitPlan, fans_of, reinit_, scheme_params
+from .bitmask import (check_split_rate, density, kels_mask_bits, layer_stream, num_words, pack_mask, popcount,
+                      unpack_mask)
+from .reinit import SCHEMES, fans_of, scheme_params
 from .rng import PURPOSE_INIT, PURPOSE_MASK, PURPOSE_RESET, stream_id
 
 __all__ = [
-    "rng", "sparse_conv", "ReinitPlan",
-    "SCHEMES", "PURPOSE_INIT", "PURPOSE_MASK", "PURPOSE_RESET", "check_split_rate", "density", "fans_of",
-    "kels_mask_bits", "layer_stream", "num_words", "pack_mask", "popcount", "reinit_", "scheme_params",
-    "stream_id", "unpack_mask", "wels_mask_bits",
+    "rng", "sparse_conv", "SCHEMES", "PURPOSE_INIT", "PURPOSE_MASK", "PURPOSE_RESET", "check_split_rate", "density",
+    "fans_of", "kels_mask_bits", "layer_stream", "num_words", "pack_mask", "popcount", "scheme_params", "stream_id",
+    "unpack_mask",
 ]

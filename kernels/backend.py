@@ -1,11 +1,7 @@
-"""Which implementation runs a kernel: Triton, the C++ CPU extension, or the PyTorch reference.
+"""Where the kernels can run: whether Triton is interpreting, and the C++ CPU extension.
 
-``KE_FAST_BACKEND=auto|triton|cpu|reference`` (default ``auto``) is read at every call:
-
-* ``auto``: CUDA tensors -> Triton; CPU tensors -> the C++ extension (the reference if it cannot be built).
-* ``triton``: Triton even on CPU tensors, which needs ``TRITON_INTERPRET=1`` set before ke_fast is imported.
-* ``cpu``: the non-Triton path: C++ extension on CPU tensors, the PyTorch reference on other devices.
-* ``reference``: always the PyTorch reference (the tests' oracle).
+Choosing an implementation per call is not done here: :mod:`ke_fast.ops` registers each op's kernels
+per device with ``torch.library`` and is the one place that reads the ``KE_FAST_BACKEND`` override.
 """
 from __future__ import annotations
 
@@ -14,9 +10,6 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
-import torch
-
-BACKENDS = ("auto", "triton", "cpu", "reference")
 _ext: ModuleType | None = None
 _ext_error: str | None = None
 
@@ -24,23 +17,6 @@ _ext_error: str | None = None
 def interpreting() -> bool:
     """True when Triton kernels run under the CPU interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def choose(device: torch.device) -> str:
-    """Resolve the backend (``triton``, ``cpp`` or ``reference``) for tensors on ``device``."""
-    want = os.environ.get("KE_FAST_BACKEND", "auto").strip().lower() or "auto"
-    if want not in BACKENDS:
-        raise ValueError(f"KE_FAST_BACKEND must be one of {BACKENDS}, got {want!r}")
-    if want == "reference":
-        return "reference"
-    if want == "triton" or (want == "auto" and device.type == "cuda"):
-        if device.type != "cuda" and not interpreting():
-            raise RuntimeError(
-                "KE_FAST_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1 set before ke_fast is imported")
-        return "triton"
-    if device.type == "cpu":
-        return "cpp" if cpu_extension() is not None else "reference"
-    return "reference"
 
 
 def _cpu_tag() -> str:
@@ -77,3 +53,8 @@ def cpu_extension() -> ModuleType | None:
         warnings.warn(f"ke_fast: C++ CPU kernels unavailable, using the PyTorch reference path ({_ext_error})",
                       RuntimeWarning, stacklevel=2)
     return _ext
+
+
+def cpu_extension_error() -> str | None:
+    """Why the C++ CPU kernels could not be built (None if they were, or were never asked for)."""
+    return _ext_error

@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import backend, reference
-from .rng import PURPOSE_MASK, as_int64, check_seed, philox_group, select4, stream_id
+from . import reference
+from .rng import PURPOSE_MASK, check_seed, philox_group, select4, stream_id
 
 WELS_WORDS_PER_PROGRAM = 64
 _POPCOUNT8 = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
@@ -111,30 +111,26 @@ def _wels_bits_kernel(out_ptr, numel, seed, stream, threshold, BW: tl.constexpr)
     tl.store(out_ptr + wr, word.to(tl.int32), mask=wr < nwords)
 
 
-def wels_mask_bits(shape: Sequence[int] | torch.Size, split_rate: float, *, seed: int, stream: int,
-                   device: torch.device | str = "cpu") -> torch.Tensor:
-    """WELS mask words for a weight of ``shape``: each weight is fit with probability ``split_rate``.
+def wels_bits_(out: torch.Tensor, numel: int, seed: int, stream: int, threshold: int) -> None:
+    """Triton: write the WELS mask words of a ``numel``-element weight into ``out`` (int32, ``ceil(numel/32)``).
 
-    Drawn straight into bits from (seed, stream) by the counter RNG, so the same call gives the same
-    bits on every device and rank. ``stream`` is any int in [0, 2^64) (see :func:`layer_stream`)."""
+    ``seed`` and ``stream`` are int64 reinterpretations of the unsigned 64-bit values (:func:`.rng.as_int64`);
+    ``threshold`` is :func:`.reference.wels_threshold` of the split rate."""
+    if out.numel():
+        bw = WELS_WORDS_PER_PROGRAM
+        _wels_bits_kernel[(triton.cdiv(out.numel(), bw),)](out, numel, seed, stream, threshold, BW=bw)
+
+
+def check_wels_args(shape: Sequence[int] | torch.Size, split_rate: float, seed: int, stream: int) -> tuple[int, int]:
+    """Validate a WELS draw; return (numel, integer threshold)."""
     shape = torch.Size(shape)
     s = check_split_rate(split_rate)
     check_seed(seed)
-    check_seed(stream)  # same range as a seed
-    device = torch.device(device)
-    n = shape.numel()
-    threshold = reference.wels_threshold(s)
-    which = backend.choose(device)
-    if which == "triton":
-        out = torch.empty(num_words(n), dtype=torch.int32, device=device)
-        bw = WELS_WORDS_PER_PROGRAM
-        if out.numel():
-            _wels_bits_kernel[(triton.cdiv(out.numel(), bw),)](out, n, as_int64(seed), as_int64(stream), threshold,
-                                                                 BW=bw)
-        return out
-    if which == "cpp":
-        return backend.cpu_extension().wels_bits(n, as_int64(seed), as_int64(stream), threshold)
-    return reference.wels_bits(n, s, seed, stream, device)
+    try:
+        check_seed(stream)  # same range as a seed
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(str(exc).replace("seed", "stream")) from None
+    return shape.numel(), reference.wels_threshold(s)
 
 
 def layer_stream(generation: int, layer: int) -> int:

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import backend, reference
+from . import backend
 from .bitmask import num_words
 from .rng import cast_rtne
 
@@ -33,31 +33,26 @@ def _masked_kernel(out_ptr, x_ptr, m_ptr, numel, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, cast_rtne(x.to(tl.float32), out_ptr.dtype.element_ty), mask=inb)
 
 
-def apply_mask(x: torch.Tensor, words: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A new contiguous tensor ``(x * M).to(dtype)`` where M is unpacked from ``words`` (1 = keep).
-
-    Args:
-        x: fp32/fp16/bf16/fp64 tensor (made contiguous if it is not; the mask follows its row-major order).
-        words: int32 packed mask words, ``ceil(x.numel() / 32)`` of them, on x's device.
-        dtype: output dtype (default x's): the cast is fused into the same pass.
-    """
+def check_args(x: torch.Tensor, words: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    """Validate the arguments of a masked weight (every implementation's contract); return the output dtype."""
     dtype = x.dtype if dtype is None else dtype
     if x.dtype not in DTYPES or dtype not in DTYPES:
-        raise TypeError(f"apply_mask supports float32/float16/bfloat16, got x {x.dtype} -> dtype {dtype}")
+        raise TypeError(f"masked weight supports float32/float16/bfloat16/float64, got weight {x.dtype} -> dtype {dtype}")
     if words.dtype != torch.int32 or words.dim() != 1 or words.numel() != num_words(x.numel()):
         raise ValueError(f"words must be {num_words(x.numel())} int32 packed words for {x.numel()} elements, "
                          f"got {words.dtype} of shape {tuple(words.shape)}")
     if words.device != x.device:
-        raise ValueError(f"words is on {words.device}, x on {x.device}")
-    x, words = x.contiguous(), words.contiguous()
-    which = backend.choose(x.device)
-    if which == "triton":
-        out = torch.empty(x.shape, dtype=dtype, device=x.device)
-        if x.numel():
-            block = 256 if backend.interpreting() else GPU_BLOCK
-            _masked_kernel[(triton.cdiv(x.numel(), block),)](out, x, words, x.numel(), BLOCK=block,
-                                                             num_warps=GPU_NUM_WARPS)
-        return out
-    if which == "cpp":
-        return backend.cpu_extension().apply_mask(x, words, dtype)
-    return reference.apply_mask(x, words, dtype)
+        raise ValueError(f"words is on {words.device}, weight on {x.device}")
+    return dtype
+
+
+def apply_mask(x: torch.Tensor, words: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Triton: a new contiguous tensor ``(x * M).to(dtype)``, M unpacked from ``words`` (1 = keep).
+
+    Args (validated by :func:`check_args`): x contiguous fp32/fp16/bf16/fp64; words its
+    ``ceil(numel / 32)`` contiguous int32 mask words on the same device; dtype the output dtype."""
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    if x.numel():
+        block = 256 if backend.interpreting() else GPU_BLOCK
+        _masked_kernel[(triton.cdiv(x.numel(), block),)](out, x, words, x.numel(), BLOCK=block, num_warps=GPU_NUM_WARPS)
+    return out

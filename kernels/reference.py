@@ -17,10 +17,17 @@ It runs on any device (only int64 / float32 torch ops) and follows the shared co
 """
 from __future__ import annotations
 
+import math
+import struct
+from typing import Sequence
 
 import torch
+import torch.nn.functional as F
+
+from .rng import splitmix64_host
 
 M32 = 0xFFFFFFFF
+M64 = (1 << 64) - 1
 PHILOX_ROUND_A = 0xD2511F53
 PHILOX_ROUND_B = 0xCD9E8D57
 PHILOX_KEY_A = 0x9E3779B9
@@ -140,17 +147,13 @@ def unpack_mask(words: torch.Tensor, numel: int) -> torch.Tensor:
     return bits.reshape(-1)[:numel].to(torch.bool)
 
 
-def wels_bits(numel: int, split_rate: float, key: int, stream: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """WELS mask words: element i is fit iff (r_i >> 8) < round(split_rate * 2^24)."""
-    threshold = wels_threshold(split_rate)
-    nwords = (numel + 31) // 32
-    out = torch.empty(nwords, dtype=torch.int32, device=device)
+def wels_bits_(out: torch.Tensor, numel: int, seed: int, stream: int, threshold: int) -> None:
+    """WELS mask words into ``out``: element i is fit iff (r_i >> 8) < threshold (seed/stream as int64)."""
+    key, stream = seed & M64, stream & M64
     for start in range(0, numel, _CHUNK):  # _CHUNK is a multiple of 32: chunks fill whole words
         count = min(_CHUNK, numel - start)
-        r = random_bits(start, count, key, stream, device)
-        fit = (r >> 8) < threshold
-        out[start // 32 : (start + count + 31) // 32] = pack_mask(fit)
-    return out
+        r = random_bits(start, count, key, stream, out.device)
+        out[start // 32 : (start + count + 31) // 32] = pack_mask((r >> 8) < threshold)
 
 
 def wels_threshold(split_rate: float) -> int:
@@ -179,3 +182,52 @@ def apply_mask(x: torch.Tensor, words: torch.Tensor, dtype: torch.dtype) -> torc
     """(x * M).to(dtype) with M unpacked from ``words``; reset entries are exact zeros."""
     keep = unpack_mask(words, x.numel()).reshape(x.shape)
     return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device)).to(dtype)
+
+
+def table_rows(table: torch.Tensor, prefix: int) -> list[tuple[int, int, int, float]]:
+    """(row, stream, kind, scale) of every row of a reset table (``kernels.reinit.launch_table``).
+
+    A row's stream is ``splitmix64(prefix ^ layer id)``, the unsigned 64-bit value the kernels finish on
+    the device; ``prefix`` may be given as its int64 reinterpretation."""
+    out = []
+    for i, row in enumerate(table.tolist()):
+        scale = struct.unpack("<f", struct.pack("<I", row[5] & M32))[0]
+        out.append((i, splitmix64_host((prefix & M64) ^ (row[3] & M64)), row[4], scale))
+    return out
+
+
+def reset_entries_(weights: list[torch.Tensor], words: list[torch.Tensor], table: torch.Tensor, tiles: torch.Tensor,
+                   seed: int, prefix: int, has_normal: bool) -> None:
+    """Re-draw the reset entries of every tensor of a reset table, tensor by tensor (``tiles`` unused)."""
+    for i, stream, kind, scale in table_rows(table, prefix):
+        reinit_(weights[i], words[i], seed & M64, stream, kind, scale)
+
+
+def decompress(bits: torch.Tensor, values: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """The dense W*M of a compressed sparse weight (``kernels.sparse_conv`` format) in its layout ``shape``."""
+    n, k = shape[0], math.prod(shape[1:])
+    t = bits.shape[1]
+    keep = unpack_mask(bits.reshape(-1), n * t * 32).view(n, t * 32)[:, :k]
+    dense = torch.zeros(n, k, dtype=values.dtype, device=values.device)
+    dense[keep] = values
+    if len(shape) == 4:
+        _, c, r, s = shape
+        return dense.view(n, r, s, c).permute(0, 3, 1, 2).contiguous()
+    return dense.view(tuple(shape))
+
+
+def sparse_conv2d(x: torch.Tensor, bits: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
+                  shape: Sequence[int], bias: torch.Tensor | None, stride: Sequence[int], padding: Sequence[int],
+                  dilation: Sequence[int], groups: int) -> torch.Tensor:
+    """conv2d with a compressed weight: decompress, then F.conv2d; NCHW in channels_last memory."""
+    w = decompress(bits, values, shape).to(x.dtype)
+    out = F.conv2d(x, w, None if bias is None else bias.to(x.dtype), tuple(stride), tuple(padding), tuple(dilation),
+                   groups)
+    return out.contiguous(memory_format=torch.channels_last)
+
+
+def sparse_linear(x: torch.Tensor, bits: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
+                  shape: Sequence[int], bias: torch.Tensor | None) -> torch.Tensor:
+    """linear with a compressed weight: decompress, then F.linear; contiguous."""
+    w = decompress(bits, values, shape).to(x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype)).contiguous()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Sequence
 
 import torch
 import triton
@@ -17,8 +17,7 @@ import triton.language as tl
 
 from . import backend, reference
 from .bitmask import num_words, pack_mask
-from .rng import (PURPOSE_INIT, PURPOSE_RESET, as_int64, box_muller, cast_rtne, check_seed, philox_group, select4,
-                  splitmix64, stream_id, stream_prefix, uniform_pm1)
+from .rng import box_muller, cast_rtne, philox_group, select4, splitmix64, uniform_pm1
 
 SCHEMES = ("kaiming_uniform_a_sqrt5", "kaiming_uniform", "kaiming_normal", "xavier_uniform", "xavier_normal", "zeros")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -110,82 +109,29 @@ def scheme_params(init: str, fan_in: int, fan_out: int, *, bias: bool = False,
     raise ValueError(f"init must be one of {SCHEMES}, got {init!r}")
 
 
-def reinit_(weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], *, seed: int, generation: int,
-            init: str = "kaiming_uniform_a_sqrt5", fans: Sequence[tuple[int, int] | None] | None = None,
-            layer_ids: Sequence[int] | None = None, fan_mode: Literal["fan_in", "fan_out"] = "fan_in",
-            purpose: Literal["reset", "init"] = "reset") -> list[torch.Tensor]:
-    """Re-draw the reset entries of every weight in place, one launch per (device, dtype).
-
-    Args:
-        weights: contiguous fp32/fp16/bf16 (or fp64; drawn in fp32) tensors on one device (conv/linear weights and biases).
-        masks: one per weight: packed int32 words (``ceil(numel/32)`` of them) or a bool/uint8/float
-            0-1 tensor of the weight's shape (e.g. the official KE code's float ``mask``). 1 = fit (kept).
-        seed: the run's seed (Philox key), an int in [0, 2^64).
-        generation: the generation being started (each gets fresh draws).
-        init: reset scheme, one of :data:`SCHEMES`; default the official KE reset U(+-1/sqrt(fan_in)).
-        fans: per weight ``(fan_in, fan_out)`` or None to derive from its shape; required for 1-D
-            tensors (biases take U(+-1/sqrt(fan_in)) of their layer).
-        layer_ids: per weight the layer index of its stream (default: position in the list). Results
-            depend on (seed, generation, layer id, element index) only, not on order or grouping.
-        fan_mode: ``fan_in`` or ``fan_out`` for the kaiming schemes.
-        purpose: ``reset`` (between generations) or ``init`` (the generation-0 values, for rewinding).
-    Returns:
-        the list of weights, modified in place.
-    Raises:
-        TypeError / ValueError naming the argument, before any tensor is written.
-    """
-    _check_generation(generation, purpose)
-    plan = ReinitPlan(weights, masks, seed=seed, init=init, fans=fans, layer_ids=layer_ids, fan_mode=fan_mode)
-    plan.run(generation, purpose)
-    return list(plan.weights)
-
-
-def _check_generation(generation: object, purpose: object) -> None:
+def check_generation(generation: object, purpose: object) -> None:
+    """Validate a (generation, purpose) pair of a reset."""
     if isinstance(generation, bool) or not isinstance(generation, int) or generation < 0:
         raise ValueError(f"generation must be a non-negative int, got {generation!r}")
     if purpose not in ("reset", "init"):
         raise ValueError(f"purpose must be 'reset' or 'init', got {purpose!r}")
 
 
-class ReinitPlan:
-    """:func:`reinit_` split in two: validation, mask packing and the launch tables once, then
-    :meth:`run` per generation — on a GPU one kernel launch per dtype with two scalars, so repeated
-    resets cost no host-side work per layer. Arguments as :func:`reinit_`; the plan keeps references
-    to ``weights`` and must be rebuilt if their storage changes (e.g. after ``model.to(...)``)."""
+def reset_entries_(weights: list[torch.Tensor], words: list[torch.Tensor], table: torch.Tensor, tiles: torch.Tensor,
+                   seed: int, prefix: int, has_normal: bool) -> None:
+    """Triton: re-draw the reset entries of one dtype group in one launch (see :func:`launch_table`).
 
-    def __init__(self, weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], *, seed: int,
-                 init: str = "kaiming_uniform_a_sqrt5", fans: Sequence[tuple[int, int] | None] | None = None,
-                 layer_ids: Sequence[int] | None = None, fan_mode: Literal["fan_in", "fan_out"] = "fan_in") -> None:
-        self.seed = check_seed(seed)
-        self.jobs = [j for j in _prepare(weights, masks, init, fans, layer_ids, fan_mode) if j.weight.numel()]
-        self.weights = [w for w in weights]
-        self._launches: list[tuple] | None = None
-
-    def run(self, generation: int, purpose: Literal["reset", "init"] = "reset") -> None:
-        """Re-draw the reset entries for ``generation`` (``purpose="init"``: the generation-0 values)."""
-        _check_generation(generation, purpose)
-        if not self.jobs:
-            return
-        code = PURPOSE_RESET if purpose == "reset" else PURPOSE_INIT
-        which = backend.choose(self.jobs[0].weight.device)
-        if which == "triton":
-            if self._launches is None:
-                self._launches = [_launch_table(g) for g in _dtype_groups(self.jobs)]
-            prefix = as_int64(stream_prefix(code, generation))
-            for w_base, m_base, meta, tiles, n_tiles, has_normal in self._launches:
-                _reinit_kernel[(n_tiles,)](w_base, m_base, meta, tiles, as_int64(self.seed), prefix,
-                                           BQ=_tile_groups(), HAS_NORMAL=has_normal, num_warps=GPU_NUM_WARPS)
-        elif which == "cpp":
-            ext = backend.cpu_extension()
-            for j in self.jobs:
-                stream = as_int64(stream_id(code, generation, j.layer))
-                ext.reinit_(j.weight, j.words, as_int64(self.seed), stream, j.kind, j.scale)
-        else:
-            for j in self.jobs:
-                reference.reinit_(j.weight, j.words, self.seed, stream_id(code, generation, j.layer), j.kind, j.scale)
+    ``seed``/``prefix`` are int64 reinterpretations of the Philox key and the (purpose, generation)
+    stream prefix; ``has_normal`` whether a row of the table is kind 1 (normal)."""
+    if not tiles.numel():
+        return
+    w_base = min(weights, key=lambda x: x.data_ptr())  # the table's offsets are relative to these
+    m_base = min(words, key=lambda x: x.data_ptr())
+    _reinit_kernel[(tiles.numel(),)](w_base, m_base, table, tiles, seed, prefix, BQ=tile_groups(has_normal),
+                                     HAS_NORMAL=has_normal, num_warps=num_warps(has_normal))
 
 
-def _prepare(weights, masks, init, fans, layer_ids, fan_mode) -> list[_Job]:
+def prepare(weights, masks, init, fans, layer_ids, fan_mode) -> list[_Job]:
     """Validate everything and pack masks; raises before anything is written."""
     if init not in SCHEMES:
         raise ValueError(f"init must be one of {SCHEMES}, got {init!r}")
@@ -255,17 +201,24 @@ def _as_words(m: object, w: torch.Tensor, i: int) -> torch.Tensor:
     return pack_mask(m)
 
 
-def _dtype_groups(jobs: list[_Job]) -> list[list[_Job]]:
-    return [g for g in ([j for j in jobs if j.weight.dtype == dt] for dt in DTYPES) if g]
+def dtype_groups(jobs: list[_Job]) -> list[list[_Job]]:
+    """The jobs split by weight dtype (one launch each), empty weights left out."""
+    return [g for g in ([j for j in jobs if j.weight.dtype == dt and j.weight.numel()] for dt in DTYPES) if g]
 
 
-def _tile_groups() -> int:
-    # Interpreter: small tiles so odd test shapes span several; GPU: 2048 elements per program.
+def tile_groups(has_normal: bool) -> int:
+    """Groups of 4 elements per program: 32 under the interpreter (odd test shapes span several tiles),
+    GPU_TILE_GROUPS (2048 elements) on a GPU."""
     return 32 if backend.interpreting() else GPU_TILE_GROUPS
 
 
-def _base_offsets(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
-    """The lowest-addressed tensor and every tensor's element offset from it."""
+def num_warps(has_normal: bool) -> int:
+    """Warps per program of a launch."""
+    return GPU_NUM_WARPS
+
+
+def _base_offsets(tensors: list[torch.Tensor]) -> list[int]:
+    """Every tensor's element offset from the lowest-addressed one."""
     base = min(tensors, key=lambda x: x.data_ptr())
     size = base.element_size()
     offs = []
@@ -274,24 +227,29 @@ def _base_offsets(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]
         if delta % size:  # cannot happen for allocator-made tensors of one dtype; refuse rather than corrupt
             raise ValueError("tensor addresses are not aligned to their element size")
         offs.append(delta // size)
-    return base, offs
+    return offs
 
 
-def _launch_table(group: list[_Job]) -> tuple:
-    """(w_base, m_base, meta, tile_tensor, n_tiles, has_normal) of one launch: built once per plan."""
-    bq = _tile_groups()
-    w_base, w_offs = _base_offsets([j.weight for j in group])
-    m_base, m_offs = _base_offsets([j.words for j in group])
-    rows, tiles = [], []
+def launch_table(group: list[_Job]) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor, bool]:
+    """(weights, words, table, tiles, has_normal) of one dtype group: the arguments of a reset, built once.
+
+    table: int64 [T, 8] on the weights' device, one row per tensor in list order: (element offset of the
+    weight from the lowest-addressed weight, likewise of its words, numel, layer id, kind, fp32 bits of
+    the scale, first tile, 0) — see :func:`.reference.table_rows`. tiles: int32 [n_tiles], the row of each
+    tile of the Triton launch."""
+    has_normal = any(j.kind == reference.KIND_NORMAL for j in group)
+    bq = tile_groups(has_normal)
+    w_offs = _base_offsets([j.weight for j in group])
+    m_offs = _base_offsets([j.words for j in group])
+    rows, counts = [], []
     first = 0
     for j, wo, mo in zip(group, w_offs, m_offs):
-        n = j.weight.numel()
-        nt = triton.cdiv(triton.cdiv(n, 4), bq)
+        nt = triton.cdiv(triton.cdiv(j.weight.numel(), 4), bq)
         scale_bits = int(torch.tensor(j.scale, dtype=torch.float32).view(torch.int32))
-        rows.append([wo, mo, n, j.layer, j.kind, scale_bits, first, 0])
-        tiles.append(nt)
+        rows.append([wo, mo, j.weight.numel(), j.layer, j.kind, scale_bits, first, 0])
+        counts.append(nt)
         first += nt
-    device = w_base.device
-    meta = torch.tensor(rows, dtype=torch.int64).to(device)
-    tile_tensor = torch.repeat_interleave(torch.arange(len(group), dtype=torch.int32), torch.tensor(tiles)).to(device)
-    return w_base, m_base, meta, tile_tensor, first, any(j.kind == reference.KIND_NORMAL for j in group)
+    device = group[0].weight.device
+    table = torch.tensor(rows, dtype=torch.int64).to(device)
+    tiles = torch.repeat_interleave(torch.arange(len(group), dtype=torch.int32), torch.tensor(counts)).to(device)
+    return [j.weight for j in group], [j.words for j in group], table, tiles, has_normal

@@ -16,7 +16,8 @@ PURPOSE_INIT = 3
 _M64 = (1 << 64) - 1
 
 
-def _splitmix64(x: int) -> int:
+def splitmix64_host(x: int) -> int:
+    """SplitMix64 finaliser of an unsigned 64-bit int (the device :func:`splitmix64` on the host)."""
     x = (x + 0x9E3779B97F4A7C15) & _M64
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
@@ -25,12 +26,12 @@ def _splitmix64(x: int) -> int:
 
 def stream_prefix(purpose: int, generation: int) -> int:
     """The (purpose, generation) part of every layer's stream: ``stream = splitmix64(prefix ^ layer)``."""
-    return _splitmix64(_splitmix64(purpose) ^ (generation & _M64))
+    return splitmix64_host(splitmix64_host(purpose) ^ (generation & _M64))
 
 
 def stream_id(purpose: int, generation: int, layer: int) -> int:
     """64-bit stream of one (purpose, generation, layer); the user seed is Philox's key."""
-    return _splitmix64(stream_prefix(purpose, generation) ^ (layer & _M64))
+    return splitmix64_host(stream_prefix(purpose, generation) ^ (layer & _M64))
 
 
 @triton.jit

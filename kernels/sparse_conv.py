@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from . import backend
+from . import backend, reference
 from .bitmask import word_popcounts
-from .reference import pack_mask, unpack_mask
+from .reference import pack_mask
 from .rng import cast_rtne
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -103,16 +103,8 @@ def compress(weight: torch.Tensor, mask: torch.Tensor) -> Compressed:
 
 
 def decompress(cw: Compressed) -> torch.Tensor:
-    """The dense weight W*M in its original layout (the reference path)."""
-    n, k = cw.shape[0], cw.k
-    t = cw.bits.shape[1]
-    keep = unpack_mask(cw.bits.reshape(-1), n * t * 32).view(n, t * 32)[:, :k]
-    dense = torch.zeros(n, k, dtype=cw.values.dtype, device=cw.values.device)
-    dense[keep] = cw.values
-    if len(cw.shape) == 4:
-        _, c, r, s = cw.shape
-        return dense.view(n, r, s, c).permute(0, 3, 1, 2).contiguous()
-    return dense.view(cw.shape)
+    """The dense weight W*M in its original layout."""
+    return reference.decompress(cw.bits, cw.values, cw.shape)
 
 
 @triton.jit
@@ -252,77 +244,93 @@ def _conv_launcher(dtype: torch.dtype):
     return _conv_tuned_fp32 if dtype == torch.float32 else _conv_tuned
 
 
-def _too_big(x: torch.Tensor, cw: Compressed, out_numel: int) -> bool:
+def _too_big(*numels: int) -> bool:
     # the kernels index in int32; such layers take the (dense) reference path instead
-    limit = 2 ** 31 - 1
-    return max(x.numel(), cw.values.numel(), out_numel) > limit
+    return max(numels) > 2 ** 31 - 1
 
 
 def _upcast(dtype: torch.dtype) -> bool:
     return backend.interpreting() and dtype == torch.bfloat16
 
 
-def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+def conv_out_size(x_shape: Sequence[int], shape: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                  dilation: Sequence[int]) -> tuple[int, int, int, int]:
+    """(B, N, OH, OW) of a conv2d of an input of ``x_shape`` with a weight of ``shape``."""
+    n_out, _, r, s = shape
+    oh = (x_shape[2] + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
+    ow = (x_shape[3] + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
+    return x_shape[0], n_out, oh, ow
 
 
-def sparse_conv2d(x: torch.Tensor, cw: Compressed, bias: torch.Tensor | None = None, stride: int | tuple = 1,
-                  padding: int | tuple = 0, dilation: int | tuple = 1, groups: int = 1,
-                  backend_name: str | None = None) -> torch.Tensor:
-    """conv2d of NCHW ``x`` (any memory format) with a compressed weight; groups 1 or depthwise.
-
-    Returns NCHW values in channels_last memory (the kernels compute NHWC). ``backend_name`` forces
-    ``triton`` or ``reference`` (default: KE_FAST_BACKEND rules)."""
-    n_out, c_g, r, s = cw.shape
+def check_conv_args(x: torch.Tensor, shape: Sequence[int], groups: int) -> None:
+    """Validate a sparse conv2d call (every implementation's contract)."""
+    n_out, c_g = shape[0], shape[1]
     if x.dim() != 4 or x.shape[1] != c_g * groups:
         raise ValueError(f"x must be [B, {c_g * groups}, H, W], got {tuple(x.shape)}")
     if groups not in (1, x.shape[1]) or (groups > 1 and n_out != groups):
         raise ValueError(f"sparse conv supports groups=1 and depthwise (groups = C_in = C_out), got groups={groups}")
-    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
-    bsz, c, h, w = x.shape
-    oh = (h + 2 * ph - dh * (r - 1) - 1) // sh + 1
-    ow = (w + 2 * pw - dw * (s - 1) - 1) // sw + 1
-    which = backend_name or backend.choose(x.device)
-    if which != "triton" or _too_big(x, cw, bsz * oh * ow * n_out):
-        return F.conv2d(x, decompress(cw).to(x.dtype), None if bias is None else bias.to(x.dtype), (sh, sw), (ph, pw),
-                        (dh, dw), groups)
+    if x.dtype not in DTYPES:
+        raise TypeError(f"x must be fp32/fp16/bf16, got {x.dtype}")
+
+
+def check_linear_args(x: torch.Tensor, shape: Sequence[int]) -> None:
+    """Validate a sparse linear call."""
+    if x.dim() < 1 or x.shape[-1] != shape[1]:
+        raise ValueError(f"x must end in {shape[1]} features, got {tuple(x.shape)}")
+    if x.dtype not in DTYPES:
+        raise TypeError(f"x must be fp32/fp16/bf16, got {x.dtype}")
+
+
+def sparse_conv2d(x: torch.Tensor, bits: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
+                  shape: Sequence[int], bias: torch.Tensor | None, stride: Sequence[int], padding: Sequence[int],
+                  dilation: Sequence[int], groups: int) -> torch.Tensor:
+    """Triton: conv2d of NCHW ``x`` (any memory format) with a compressed weight (groups 1 or depthwise).
+
+    Arguments validated by :func:`check_conv_args`; stride/padding/dilation are pairs. Returns NCHW values
+    in channels_last memory (the kernels compute NHWC), as every implementation of the op does."""
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    bsz, n_out, oh, ow = conv_out_size(x.shape, shape, stride, padding, dilation)
+    if _too_big(x.numel(), values.numel(), bsz * oh * ow * n_out):
+        return reference.sparse_conv2d(x, bits, values, offsets, shape, bias, stride, padding, dilation, groups)
+    _, c, h, w = x.shape
+    s = shape[3]
     xh = x.permute(0, 2, 3, 1).contiguous()
     out = torch.empty(bsz, oh, ow, n_out, dtype=x.dtype, device=x.device)
     m = bsz * oh * ow
-    k = cw.k
-    t = cw.bits.shape[1]
-    vals = cw.values if cw.values.dtype == x.dtype else cw.values.to(x.dtype)
-    b_arg = bias if bias is not None else vals
+    k = math.prod(shape[1:])
+    t = bits.shape[1]
+    vals = values if values.dtype == x.dtype else values.to(x.dtype)
+    b_arg = bias.to(x.dtype) if bias is not None else vals
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n_out, meta["BLOCK_N"]))  # noqa: E731
     if out.numel():
         if groups == 1:
-            _conv_launcher(x.dtype)[grid](out, xh, cw.bits, vals, cw.offsets, b_arg, m, n_out, k, t, cw.offsets.shape[1], h, w, c,
-                              oh, ow, s, sh, sw, ph, pw, dh, dw, HAS_BIAS=bias is not None,
-                              IEEE=x.dtype == torch.float32, UPCAST=_upcast(x.dtype))
+            _conv_launcher(x.dtype)[grid](out, xh, bits, vals, offsets, b_arg, m, n_out, k, t, offsets.shape[1], h, w,
+                                          c, oh, ow, s, sh, sw, ph, pw, dh, dw, HAS_BIAS=bias is not None,
+                                          IEEE=x.dtype == torch.float32, UPCAST=_upcast(x.dtype))
         else:
-            _dw_tuned[grid](out, xh, cw.bits, vals, cw.offsets, b_arg, m, n_out, k, t, cw.offsets.shape[1], h, w,
+            _dw_tuned[grid](out, xh, bits, vals, offsets, b_arg, m, n_out, k, t, offsets.shape[1], h, w,
                             oh, ow, s, sh, sw, ph, pw, dh, dw, HAS_BIAS=bias is not None)
     return out.permute(0, 3, 1, 2)
 
 
-def sparse_linear(x: torch.Tensor, cw: Compressed, bias: torch.Tensor | None = None,
-                  backend_name: str | None = None) -> torch.Tensor:
-    """``x @ (W*M).T + bias`` with a compressed [N, K] weight; x is [..., K]."""
-    n_out, k = cw.shape
-    if x.shape[-1] != k:
-        raise ValueError(f"x must end in {k} features, got {tuple(x.shape)}")
-    which = backend_name or backend.choose(x.device)
-    if which != "triton" or _too_big(x, cw, x.numel() // k * n_out):
-        return F.linear(x, decompress(cw).to(x.dtype), None if bias is None else bias.to(x.dtype))
+def sparse_linear(x: torch.Tensor, bits: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
+                  shape: Sequence[int], bias: torch.Tensor | None) -> torch.Tensor:
+    """Triton: ``x @ (W*M).T + bias`` with a compressed [N, K] weight; x is [..., K] (validated by
+    :func:`check_linear_args`). Returns a contiguous [..., N] tensor."""
+    n_out, k = shape
+    if _too_big(x.numel(), values.numel(), x.numel() // max(k, 1) * n_out):
+        return reference.sparse_linear(x, bits, values, offsets, shape, bias)
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
     out = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
-    vals = cw.values if cw.values.dtype == x.dtype else cw.values.to(x.dtype)
+    vals = values if values.dtype == x.dtype else values.to(x.dtype)
+    b_arg = bias.to(x.dtype) if bias is not None else vals
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n_out, meta["BLOCK_N"]))  # noqa: E731
     if out.numel():
-        _conv_launcher(x.dtype)[grid](out, x2, cw.bits, vals, cw.offsets, bias if bias is not None else vals, m, n_out, k,
-                          cw.bits.shape[1], cw.offsets.shape[1], 1, 1, k, 1, 1, 1, 1, 1, 0, 0, 1, 1,
-                          HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, UPCAST=_upcast(x.dtype))
+        _conv_launcher(x.dtype)[grid](out, x2, bits, vals, offsets, b_arg, m, n_out, k, bits.shape[1],
+                                      offsets.shape[1], 1, 1, k, 1, 1, 1, 1, 1, 0, 0, 1, 1,
+                                      HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
+                                      UPCAST=_upcast(x.dtype))
     return out.view(*x.shape[:-1], n_out)
 
 

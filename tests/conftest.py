@@ -1,16 +1,25 @@
-"""Shared test set-up: without CUDA the Triton kernels run under the interpreter.
+"""Shared test set-up: which (implementation, device) pairs this host can run, and one tolerance table.
 
-TRITON_INTERPRET must be set before any ke_fast (hence triton.jit) import, so it happens here at
-import time of the conftest, which pytest loads before the test modules."""
+Without CUDA the Triton kernels run under the interpreter: TRITON_INTERPRET must be set before any
+ke_fast (hence triton.jit) import, so it happens here, at import time of the conftest, which pytest
+loads before the test modules. With CUDA the interpreter stays off and Triton runs on CUDA tensors only.
+"""
 import os
+from typing import NamedTuple
 
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+if HAS_CUDA:  # the oracles compare against fp64: TF32 convolutions and matmuls would be the error measured
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 import pytest  # noqa: E402
+
+from ke_fast.ops import legal_implementations  # noqa: E402
 
 # Per-dtype tolerances (one table for the whole suite), FlagGems style.
 TOL = {torch.float32: dict(rtol=1.3e-6, atol=1e-5), torch.float16: dict(rtol=1e-3, atol=1e-3),
@@ -19,11 +28,34 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
-@pytest.fixture(params=["triton", "cpu", "reference"])
-def backend(request, monkeypatch):
-    """Run a test once per implementation: Triton (GPU or interpreter), C++ CPU path, PyTorch reference."""
-    monkeypatch.setenv("KE_FAST_BACKEND", request.param)
-    return request.param
+def impl_pairs(has_cuda: bool, interpreting: bool, has_cpp: bool = True) -> list[tuple[str, str]]:
+    """The (implementation, device) pairs a host can run: ("triton", "cuda") with CUDA, ("triton", "cpu")
+    only under the interpreter, ("cpp", "cpu"), and ("reference", the host's main device).
+
+    A host whose C++ kernels do not build still lists ("cpp", "cpu"): those tests then fail and say why."""
+    host = "cuda" if has_cuda else "cpu"
+    pairs = []
+    for device in (["cuda"] if has_cuda else []) + ["cpu"]:
+        for name in legal_implementations(device, interpreting=interpreting, cpp=has_cpp):
+            if name != "reference" or device == host:
+                pairs.append((name, device))
+    return pairs
+
+
+PAIRS = impl_pairs(HAS_CUDA, INTERPRETING)
+
+
+class Impl(NamedTuple):
+    name: str  # triton / cpp / reference, as KE_FAST_BACKEND takes it
+    device: str  # where the test's tensors live
+
+
+@pytest.fixture(params=PAIRS, ids=[f"{n}-{d}" for n, d in PAIRS])
+def impl(request, monkeypatch):
+    """Run a test once per (implementation, device) pair legal on this host; tensors go on ``impl.device``."""
+    name, device = request.param
+    monkeypatch.setenv("KE_FAST_BACKEND", name)
+    return Impl(name, device)
 
 
 def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,8 @@ import ke_fast.kernels as K
 from ke_fast import MaskedConv2d, MaskedLayer, MaskedLinear
 from ke_fast.models import MLP, DenseNetTiny, resnet18, resnet50
 
+from conftest import PAIRS
+
 
 def c(s, n):
     return math.ceil(s * n)
@@ -173,14 +175,16 @@ def test_wels_seeds():
     assert not torch.equal(a["layer1.0.conv1"], a["layer1.0.conv2"])
 
 
-def test_wels_independent_of_backend(monkeypatch):
+def test_wels_independent_of_implementation_and_device(monkeypatch):
     out = {}
-    for b in ("triton", "cpu", "reference"):
-        monkeypatch.setenv("KE_FAST_BACKEND", b)
+    for name, device in PAIRS:
+        monkeypatch.setenv("KE_FAST_BACKEND", name)
         torch.manual_seed(0)
-        out[b] = ke_fast.masks(ke_fast.split(MLP(in_features=20, hidden=(17, 9), num_classes=5), "wels", 0.5, seed=3))
-    for b in ("cpu", "reference"):
-        assert all(torch.equal(out["triton"][k], out[b][k]) for k in out["triton"])
+        model = MLP(in_features=20, hidden=(17, 9), num_classes=5).to(device)
+        out[name, device] = {k: v.cpu() for k, v in ke_fast.masks(ke_fast.split(model, "wels", 0.5, seed=3)).items()}
+    first = out[PAIRS[0]]
+    for pair in PAIRS[1:]:
+        assert all(torch.equal(first[k], out[pair][k]) for k in first), pair
 
 
 # ---------------------------------------------------------------- grouped convs

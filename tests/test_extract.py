@@ -14,15 +14,15 @@ from ke_fast.extract import count_macs, count_params, extract_slim, extract_spar
 from ke_fast.models import MLP, DenseNetTiny, resnet18, resnet50
 from ke_fast.ops import use_sparse
 
-from conftest import TOL
+from conftest import DEVICE, PAIRS, TOL, Impl
 
 FP32 = TOL[torch.float32]
 
 
 @pytest.fixture(autouse=True)
 def _reference_backend(monkeypatch):
-    """Masked layers on the PyTorch reference unless a test picks a backend: the tests here are about
-    extraction, not kernels (test_extract_sparse_equals_fit_only runs the triton and cpu backends)."""
+    """Masked layers on the PyTorch reference unless a test picks an implementation: the tests here are about
+    extraction, not kernels (test_extract_sparse_equals_fit_only runs the kernels on every device)."""
     monkeypatch.setenv("KE_FAST_BACKEND", "reference")
     monkeypatch.delenv("KE_FAST_SPARSE", raising=False)
 
@@ -165,13 +165,18 @@ def spy(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("kernel_backend", ["triton", "cpu"])
+KERNEL_PAIRS = [p for p in PAIRS if p[0] != "reference"]
+
+
+@pytest.mark.parametrize("pair", KERNEL_PAIRS, ids=[f"{n}-{d}" for n, d in KERNEL_PAIRS])
 @pytest.mark.parametrize("sparse_env", ["on", "off"])
 @pytest.mark.parametrize("mode", ["wels", "kels"])
 @pytest.mark.parametrize("name", ["resnet18", "mlp"])
-def test_extract_sparse_equals_fit_only(name, mode, sparse_env, kernel_backend, monkeypatch, spy):
-    model, x = prepared(name, mode)  # BatchNorm warm-up on the reference backend (fast)
-    monkeypatch.setenv("KE_FAST_BACKEND", kernel_backend)
+def test_extract_sparse_equals_fit_only(name, mode, sparse_env, pair, monkeypatch, spy):
+    impl = Impl(*pair)
+    model, x = prepared(name, mode)  # BatchNorm warm-up on the reference implementation (fast)
+    model, x = model.to(impl.device), x.to(impl.device)
+    monkeypatch.setenv("KE_FAST_BACKEND", impl.name)
     monkeypatch.setenv("KE_FAST_SPARSE", sparse_env)
     assert nontrivial_bn(model)
     ref = fit_forward(model, x)
@@ -187,7 +192,7 @@ def test_extract_sparse_equals_fit_only(name, mode, sparse_env, kernel_backend, 
     with torch.no_grad():
         out = sparse(x)
     torch.testing.assert_close(out, ref, **FP32)
-    want = "triton" if (kernel_backend == "triton" and sparse_env == "on") else "reference"
+    want = "triton" if (impl.name == "triton" and sparse_env == "on") else "reference"
     assert spy == [want] * n_layers
 
 
@@ -300,34 +305,36 @@ def test_extract_sparse_depthwise_ok():
 # ---- the dispatcher ------------------------------------------------------------------------------
 
 CPU = torch.device("cpu")
+TRITON_DEVICE = torch.device(DEVICE)  # where Triton runs on this host: CUDA, or the CPU under the interpreter
 
 
 @pytest.mark.parametrize("sparse_env", ["auto", "on", "off"])
-def test_use_sparse_cpu_backend_never(monkeypatch, sparse_env):
-    monkeypatch.setenv("KE_FAST_BACKEND", "cpu")
+def test_use_sparse_cpp_never(monkeypatch, sparse_env):
+    monkeypatch.setenv("KE_FAST_BACKEND", "cpp")
     monkeypatch.setenv("KE_FAST_SPARSE", sparse_env)
     assert use_sparse(1, 0.1, CPU) is False
     assert use_sparse(10_000, 1.0, CPU) is False
 
 
 def test_use_sparse_respects_env(monkeypatch):
+    dev = TRITON_DEVICE
     monkeypatch.setenv("KE_FAST_BACKEND", "triton")
     monkeypatch.setenv("KE_FAST_SPARSE", "off")
-    assert use_sparse(1, 0.1, CPU) is False
+    assert use_sparse(1, 0.1, dev) is False
     monkeypatch.setenv("KE_FAST_SPARSE", "on")
-    assert use_sparse(1, 0.1, CPU) is True
-    assert use_sparse(10_000, 1.0, CPU) is True
+    assert use_sparse(1, 0.1, dev) is True
+    assert use_sparse(10_000, 1.0, dev) is True
     monkeypatch.setenv("KE_FAST_SPARSE", "auto")
-    assert use_sparse(1, 0.5, CPU) is True
-    assert use_sparse(10_000, 0.5, CPU) is False
-    assert use_sparse(1, 0.95, CPU) is False
+    assert use_sparse(1, 0.5, dev) is True
+    assert use_sparse(10_000, 0.5, dev) is False
+    assert use_sparse(1, 0.95, dev) is False
     monkeypatch.delenv("KE_FAST_SPARSE")
-    assert use_sparse(1, 0.5, CPU) is True
+    assert use_sparse(1, 0.5, dev) is True
 
 
-@pytest.mark.parametrize("kernel_backend", ["triton", "cpu"])
-def test_use_sparse_bogus_env_raises(monkeypatch, kernel_backend):
-    monkeypatch.setenv("KE_FAST_BACKEND", kernel_backend)
+@pytest.mark.parametrize("pair", KERNEL_PAIRS, ids=[f"{n}-{d}" for n, d in KERNEL_PAIRS])
+def test_use_sparse_bogus_env_raises(monkeypatch, pair):
+    monkeypatch.setenv("KE_FAST_BACKEND", pair[0])
     monkeypatch.setenv("KE_FAST_SPARSE", "bogus")
     with pytest.raises(ValueError, match="KE_FAST_SPARSE"):
-        use_sparse(1, 0.5, CPU)
+        use_sparse(1, 0.5, torch.device(pair[1]))

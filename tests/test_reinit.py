@@ -1,4 +1,5 @@
-"""Fused reset: fit entries untouched, reset entries from the scheme, identical on every backend."""
+"""Fused reset (ReinitPlan -> ke_fast::reset_entries_): fit entries untouched, reset entries from the scheme,
+identical on every (implementation, device) pair the host runs."""
 import math
 import subprocess
 import sys
@@ -10,13 +11,19 @@ import triton.language as tl
 from scipy import stats
 
 import ke_fast.kernels as K
+from ke_fast import ReinitPlan, wels_mask_bits
 from ke_fast.kernels import reference as R
 from ke_fast.kernels.rng import philox_group, select4, uniform_pm1
 
-from conftest import DEVICE, DTYPES, ulp_distance
+from conftest import DEVICE, DTYPES, PAIRS, Impl, ulp_distance
 
 UNIFORM = ("kaiming_uniform_a_sqrt5", "kaiming_uniform", "xavier_uniform")
 NORMAL = ("kaiming_normal", "xavier_normal")
+
+
+def reset_(weights, masks, *, seed, generation, purpose="reset", **kw):
+    """One-shot reset: a plan built and run once."""
+    ReinitPlan(weights, masks, seed=seed, **kw).run(generation, purpose)
 
 
 def make_layers(dtype, device=DEVICE, mode="wels"):
@@ -25,27 +32,28 @@ def make_layers(dtype, device=DEVICE, mode="wels"):
     shapes = [(5, 123), (17, 3, 3, 3), (31, 33), (17,), (1, 1)]
     ws = [torch.randn(s, generator=g).to(dtype).to(device) for s in shapes]
     if mode == "wels":
-        ms = [K.wels_mask_bits(s, 0.5, seed=1, stream=K.layer_stream(0, i), device=device) for i, s in enumerate(shapes)]
+        ms = [wels_mask_bits(s, 0.5, seed=1, stream=K.layer_stream(0, i), device=device) for i, s in enumerate(shapes)]
     else:
         ms = [K.kels_mask_bits(s, 0.5, device=device) for s in shapes]
     fans = [None, None, None, (27, 153), None]
     return ws, ms, fans
 
 
-def run(backend_name, dtype, init, monkeypatch, mode="wels", generation=2):
-    monkeypatch.setenv("KE_FAST_BACKEND", backend_name)
-    ws, ms, fans = make_layers(dtype, mode=mode)
+def run(impl, dtype, init, monkeypatch, mode="wels", generation=2):
+    monkeypatch.setenv("KE_FAST_BACKEND", impl.name)
+    ws, ms, fans = make_layers(dtype, device=impl.device, mode=mode)
     before = [w.clone() for w in ws]
-    K.reinit_(ws, ms, seed=5, generation=generation, init=init, fans=fans)
+    reset_(ws, ms, seed=5, generation=generation, init=init, fans=fans)
     return before, ws, ms
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("init", K.SCHEMES)
 @pytest.mark.parametrize("mode", ["wels", "kels"])
-def test_fit_kept_reset_in_support(backend, dtype, init, mode, monkeypatch):
-    before, after, masks = run(backend, dtype, init, monkeypatch, mode)
+def test_fit_kept_reset_in_support(impl, dtype, init, mode, monkeypatch):
+    before, after, masks = run(impl, dtype, init, monkeypatch, mode)
     for w0, w1, m in zip(before, after, masks):
+        w0, w1, m = w0.cpu(), w1.cpu(), m.cpu()
         fit = K.unpack_mask(m, w0.shape)
         # fit entries keep their exact bits
         assert torch.equal(w1[fit].view(torch.int16 if dtype != torch.float32 else torch.int32),
@@ -64,11 +72,14 @@ def test_fit_kept_reset_in_support(backend, dtype, init, mode, monkeypatch):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("init", K.SCHEMES)
-def test_backends_agree(dtype, init, monkeypatch):
-    """Triton (interpreter or GPU) == C++ == reference: bit-exact for uniform/zeros, <= 2 ulp normal."""
-    results = {be: run(be, dtype, init, monkeypatch)[1] for be in ("triton", "cpu", "reference")}
-    for be in ("triton", "cpu"):
-        for a, b in zip(results[be], results["reference"]):
+def test_implementations_agree(dtype, init, monkeypatch):
+    """Every pair the host runs (Triton on the GPU or the interpreter, C++, reference) gives the reference's
+    values on the CPU: bit-exact for uniform/zeros, <= 2 ulp normal."""
+    want = run(Impl("reference", "cpu"), dtype, init, monkeypatch)[1]
+    for pair in PAIRS:
+        got = run(Impl(*pair), dtype, init, monkeypatch)[1]
+        be = "-".join(pair)
+        for a, b in zip(got, want):
             a, b = a.cpu(), b.cpu()
             if init in NORMAL and dtype == torch.float32 and a.dim() > 1:
                 assert ulp_distance(a, b).max() <= 2
@@ -78,8 +89,8 @@ def test_backends_agree(dtype, init, monkeypatch):
                 assert torch.equal(a, b), f"{be} differs from the reference"
 
 
-def test_kolmogorov_smirnov(backend):
-    n = 40_000 if backend != "triton" or DEVICE == "cuda" else 8_000
+def test_kolmogorov_smirnov(impl):
+    n = 40_000 if impl.device == "cuda" or impl.name != "triton" else 8_000
     fan_in = 100
     fan_out = n // fan_in
     xb = math.sqrt(6 / (fan_in + fan_out))
@@ -87,32 +98,32 @@ def test_kolmogorov_smirnov(backend):
                        ("kaiming_normal", stats.norm(0, math.sqrt(2 / fan_in))),
                        ("xavier_uniform", stats.uniform(-xb, 2 * xb)),
                        ("xavier_normal", stats.norm(0, math.sqrt(2 / (fan_in + fan_out))))]:
-        w = torch.zeros(fan_out, fan_in, device=DEVICE)
-        K.reinit_([w], [torch.zeros_like(w, dtype=torch.bool)], seed=3, generation=1, init=init)
+        w = torch.zeros(fan_out, fan_in, device=impl.device)
+        reset_([w], [torch.zeros_like(w, dtype=torch.bool)], seed=3, generation=1, init=init)
         p = stats.kstest(w.flatten().cpu().double().numpy(), dist.cdf).pvalue
         assert p > 1e-3, f"{init}: KS p-value {p}"
 
 
-def test_same_result_across_orders_and_groupings(backend, monkeypatch):
-    ws, ms, fans = make_layers(torch.float32)
+def test_same_result_across_orders_and_groupings(impl):
+    ws, ms, fans = make_layers(torch.float32, device=impl.device)
     ids = list(range(len(ws)))
     a = [w.clone() for w in ws]
-    K.reinit_(a, ms, seed=9, generation=1, fans=fans)
+    reset_(a, ms, seed=9, generation=1, fans=fans)
     order = ids[::-1]
     b = [ws[i].clone() for i in order]
-    K.reinit_(b, [ms[i] for i in order], seed=9, generation=1, fans=[fans[i] for i in order], layer_ids=order)
+    reset_(b, [ms[i] for i in order], seed=9, generation=1, fans=[fans[i] for i in order], layer_ids=order)
     for i, j in enumerate(order):
         assert torch.equal(b[i], a[j])
     # one launch per tensor gives the same values as the fused launch
     for i in ids:
         c = ws[i].clone()
-        K.reinit_([c], [ms[i]], seed=9, generation=1, fans=[fans[i]], layer_ids=[i])
+        reset_([c], [ms[i]], seed=9, generation=1, fans=[fans[i]], layer_ids=[i])
         assert torch.equal(c, a[i])
     # a mixed-dtype list: one launch per dtype, same values as separate calls
     mixed = [a[0].clone(), ws[1].clone().half()]
-    K.reinit_(mixed, ms[:2], seed=9, generation=1)
+    reset_(mixed, ms[:2], seed=9, generation=1)
     half = ws[1].clone().half()
-    K.reinit_([half], [ms[1]], seed=9, generation=1, layer_ids=[1])
+    reset_([half], [ms[1]], seed=9, generation=1, layer_ids=[1])
     assert torch.equal(mixed[1], half)
 
 
@@ -122,11 +133,11 @@ def test_generations_and_seeds_differ():
     outs = []
     for seed, gen in [(1, 1), (1, 2), (2, 1)]:
         x = w.clone()
-        K.reinit_([x], [m], seed=seed, generation=gen)
+        reset_([x], [m], seed=seed, generation=gen)
         outs.append(x)
     assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
     x = w.clone()
-    K.reinit_([x], [m], seed=1, generation=1, purpose="init")
+    reset_([x], [m], seed=1, generation=1, purpose="init")
     assert not torch.equal(x, outs[0])
 
 
@@ -134,26 +145,28 @@ def test_generations_and_seeds_differ():
 def test_mask_forms_agree(form):
     ws, ms, fans = make_layers(torch.float32)
     ref = [w.clone() for w in ws]
-    K.reinit_(ref, ms, seed=4, generation=3, fans=fans)
+    reset_(ref, ms, seed=4, generation=3, fans=fans)
     dense = [K.unpack_mask(m, w.shape) for m, w in zip(ms, ws)]
     given = {"packed": ms, "bool": dense}.get(form) or [d.to(getattr(torch, form)) for d in dense]
     got = [w.clone() for w in ws]
-    K.reinit_(got, given, seed=4, generation=3, fans=fans)
+    reset_(got, given, seed=4, generation=3, fans=fans)
     assert all(torch.equal(a, b) for a, b in zip(got, ref))
 
 
-def test_all_fit_untouched_all_reset_rewritten(backend):
-    w = torch.randn(7, 45, device=DEVICE)
+def test_all_fit_untouched_all_reset_rewritten(impl):
+    w = torch.randn(7, 45, device=impl.device)
     keep = w.clone()
-    K.reinit_([w], [torch.ones_like(w)], seed=0, generation=1)
+    reset_([w], [torch.ones_like(w)], seed=0, generation=1)
     assert torch.equal(w, keep)
-    K.reinit_([w], [torch.zeros_like(w)], seed=0, generation=1)
+    reset_([w], [torch.zeros_like(w)], seed=0, generation=1)
     assert (w != keep).all()
 
 
 def test_indices_beyond_2_31_match_reference():
     """The counter is the int64 element index: the C++ path and the reference agree past 2^31."""
-    ext = pytest.importorskip("ke_fast.kernels.backend").cpu_extension()
+    from ke_fast.kernels import backend
+
+    ext = backend.cpu_extension()
     assert ext is not None, "the C++ CPU extension must build on this machine (gcc + ninja)"
     start = (1 << 33) + 5
     idx = torch.arange(start, start + 1000, dtype=torch.int64)
@@ -221,21 +234,23 @@ def test_bad_input_raises_before_writing(case):
         masks = [torch.zeros_like(masks[0])] + list(masks[1:])
     kw = {"seed": 0, "generation": 1, **kw}
     with pytest.raises(exc, match=pattern):
-        K.reinit_(weights, masks, **kw)
+        reset_(weights, masks, **kw)
     for before, after in zip(snapshot, [x for x in weights if x.device.type == "cpu"]):
         assert torch.equal(before, after)
 
 
 def test_unknown_backend_env(monkeypatch):
     monkeypatch.setenv("KE_FAST_BACKEND", "fpga")
+    w = torch.ones(4, 4)
     with pytest.raises(ValueError, match="KE_FAST_BACKEND"):
-        K.reinit_([torch.zeros(4, 4)], [torch.zeros(4, 4)], seed=0, generation=1)
+        reset_([w], [torch.zeros(4, 4)], seed=0, generation=1)
+    assert (w == 1).all()
 
 
 def test_triton_on_cpu_needs_interpreter(monkeypatch):
     code = ("import os, torch; os.environ['KE_FAST_BACKEND'] = 'triton'\n"
-            "import ke_fast.kernels as K\n"
-            "try:\n    K.reinit_([torch.zeros(4, 4)], [torch.zeros(4, 4)], seed=0, generation=1)\n"
+            "import ke_fast\n"
+            "try:\n    ke_fast.ReinitPlan([torch.zeros(4, 4)], [torch.zeros(4, 4)], seed=0).run(1)\n"
             "except RuntimeError as e:\n    print('ERR', e)\n")
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
@@ -246,7 +261,7 @@ def test_tensor_beyond_2_31_elements_cpu_path(monkeypatch):
     """A real fp16 tensor of 2^31 + 100 elements (4 GiB, pages touched only where written): the C++
     path resets the words around element 2^31 and the tail with the reference's values, and skips
     the all-fit words elsewhere (so this runs in a second)."""
-    monkeypatch.setenv("KE_FAST_BACKEND", "cpu")
+    monkeypatch.setenv("KE_FAST_BACKEND", "cpp")
     n = (1 << 31) + 100
     w = torch.empty(n, dtype=torch.float16)
     words = torch.full((K.num_words(n),), -1, dtype=torch.int32)  # all fit
@@ -254,21 +269,21 @@ def test_tensor_beyond_2_31_elements_cpu_path(monkeypatch):
     words[lo:lo + 4] = 0
     words[-1] = 0
     w[lo * 32:(lo + 4) * 32] = 7.0
-    K.reinit_([w], [words], seed=3, generation=1, fans=[(100, 100)], layer_ids=[0])
+    reset_([w], [words], seed=3, generation=1, fans=[(100, 100)], layer_ids=[0])
     stream = K.stream_id(K.PURPOSE_RESET, 1, 0)
     for start, count in [(lo * 32, 128), ((K.num_words(n) - 1) * 32, n - (K.num_words(n) - 1) * 32)]:
         want = R.draw(start, count, 3, stream, R.KIND_UNIFORM, 0.1).to(torch.float16)  # bias: 1/sqrt(100)
         assert torch.equal(w[start:start + count], want)
 
 
-def test_plan_runs_equal_one_shot_calls(backend):
-    ws, ms, fans = make_layers(torch.float32)
+def test_plan_runs_equal_one_shot_calls(impl):
+    ws, ms, fans = make_layers(torch.float32, device=impl.device)
     a = [w.clone() for w in ws]
     b = [w.clone() for w in ws]
-    plan = K.ReinitPlan(a, ms, seed=4, fans=fans)
+    plan = ReinitPlan(a, ms, seed=4, fans=fans)
     for gen in (1, 2):
         plan.run(gen)
-        K.reinit_(b, ms, seed=4, generation=gen, fans=fans)
+        reset_(b, ms, seed=4, generation=gen, fans=fans)
         assert all(torch.equal(x, y) for x, y in zip(a, b))
     with pytest.raises(ValueError, match="generation"):
         plan.run(-1)

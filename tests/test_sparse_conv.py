@@ -1,5 +1,5 @@
-"""Sparse WELS conv2d / linear (kernels/sparse_conv.py): the Triton kernels (the interpreter without a GPU)
-against F.conv2d / F.linear on W*M, the compressed format's round trip, its validation, and its size.
+"""Sparse WELS conv2d / linear (the ke_fast::sparse_conv2d / sparse_linear ops): every implementation the host
+runs (Triton on the GPU or the interpreter, the reference) against F.conv2d / F.linear on W*M, the compressed format's round trip, its validation, and its size.
 
 Inputs are rounded to the dtype under test first; the reference runs in fp64 on those rounded values, so
 the only error allowed is the kernel's own (accumulation order and the final rounding), judged with TOL."""
@@ -11,7 +11,26 @@ import torch.nn.functional as F
 
 from ke_fast.kernels import sparse_conv as sc
 
-from conftest import DEVICE, DTYPES, TOL
+from conftest import DEVICE, DTYPES, PAIRS, TOL, Impl
+
+SPARSE_PAIRS = [p for p in PAIRS if p[0] != "cpp"]  # the sparse ops have no C++ kernel (cpp runs the reference)
+
+
+@pytest.fixture(params=SPARSE_PAIRS, ids=[f"{n}-{d}" for n, d in SPARSE_PAIRS])
+def impl(request, monkeypatch):
+    name, device = request.param
+    monkeypatch.setenv("KE_FAST_BACKEND", name)
+    return Impl(name, device)
+
+
+def conv(x, cw, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    pair = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
+    return torch.ops.ke_fast.sparse_conv2d.default(x, cw.bits, cw.values, cw.offsets, list(cw.shape), bias,
+                                                   pair(stride), pair(padding), pair(dilation), groups)
+
+
+def linear(x, cw, bias=None):
+    return torch.ops.ke_fast.sparse_linear.default(x, cw.bits, cw.values, cw.offsets, list(cw.shape), bias)
 
 
 def _mask(shape, density, gen):
@@ -22,14 +41,14 @@ def _mask(shape, density, gen):
     return torch.rand(shape, generator=gen) < density
 
 
-def _data(seed, x_shape, w_shape, density, dtype, bias):
+def _data(seed, x_shape, w_shape, density, dtype, bias, device=DEVICE):
     gen = torch.Generator().manual_seed(seed)
     fan_in = math.prod(w_shape[1:])
     x = torch.randn(x_shape, generator=gen).to(dtype)
     w = (torch.randn(w_shape, generator=gen) / math.sqrt(fan_in)).to(dtype)
     m = _mask(w_shape, density, gen)
     b = torch.randn(w_shape[0], generator=gen).to(dtype) if bias else None
-    return x.to(DEVICE), w.to(DEVICE), m.to(DEVICE), None if b is None else b.to(DEVICE)
+    return x.to(device), w.to(device), m.to(device), None if b is None else b.to(device)
 
 
 def _check(out, ref, dtype):
@@ -69,36 +88,32 @@ def _conv_id(case):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CONV_CASES, ids=_conv_id)
-def test_sparse_conv2d_matches_reference(case, dtype):
+def test_sparse_conv2d_matches_reference(impl, case, dtype):
     c_in, c_out, groups, ksz, stride, padding, dilation, batch, density, bias = case
     x, w, m, b = _data(hash(case) % 2**31, (batch, c_in, 7, 7), (c_out, c_in // groups, ksz, ksz), density, dtype,
-                       bias)
+                       bias, impl.device)
     cw = sc.compress(w, m).validate()
-    out = sc.sparse_conv2d(x, cw, b, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                           backend_name="triton")
+    out = conv(x, cw, b, stride=stride, padding=padding, dilation=dilation, groups=groups)
     ref = F.conv2d(x.double(), w.double() * m, None if b is None else b.double(), stride, padding, dilation, groups)
     _check(out, ref, dtype)
-    # the dense fallback reads the same compressed weight
-    fallback = sc.sparse_conv2d(x, cw, b, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                                backend_name="reference")
-    _check(fallback, ref, dtype)
+    assert out.is_contiguous(memory_format=torch.channels_last)  # every implementation's layout
 
 
-def test_sparse_conv2d_tuple_args_and_channels_last_input():
-    x, w, m, b = _data(7, (2, 5, 7, 7), (9, 5, 3, 3), 0.5, torch.float32, True)
+def test_sparse_conv2d_tuple_args_and_channels_last_input(impl):
+    x, w, m, b = _data(7, (2, 5, 7, 7), (9, 5, 3, 3), 0.5, torch.float32, True, impl.device)
     x = x.to(memory_format=torch.channels_last)
     cw = sc.compress(w, m)
-    out = sc.sparse_conv2d(x, cw, b, stride=(2, 1), padding=(1, 0), dilation=(1, 2), backend_name="triton")
+    out = conv(x, cw, b, stride=(2, 1), padding=(1, 0), dilation=(1, 2))
     ref = F.conv2d(x.double(), w.double() * m, b.double(), (2, 1), (1, 0), (1, 2))
     _check(out, ref, torch.float32)
 
 
-def test_sparse_conv2d_rejects_grouped_and_wrong_input():
-    x, w, m, _ = _data(8, (1, 6, 7, 7), (6, 3, 3, 3), 0.5, torch.float32, False)
+def test_sparse_conv2d_rejects_grouped_and_wrong_input(impl):
+    x, w, m, _ = _data(8, (1, 6, 7, 7), (6, 3, 3, 3), 0.5, torch.float32, False, impl.device)
     with pytest.raises(ValueError, match="groups"):
-        sc.sparse_conv2d(x, sc.compress(w, m), groups=2, backend_name="triton")
+        conv(x, sc.compress(w, m), groups=2)
     with pytest.raises(ValueError, match="x must be"):
-        sc.sparse_conv2d(x[:, :5], sc.compress(w, m), groups=2, backend_name="triton")
+        conv(x[:, :5], sc.compress(w, m), groups=2)
 
 
 # (K, N, leading shape of x, density, bias); K = 300 and 520 span 2 and 3 chunks of 8 words.
@@ -114,13 +129,12 @@ LINEAR_CASES = [
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: f"K{c[0]}-N{c[1]}-x{c[2]}-dens{c[3]}-bias{c[4]}")
-def test_sparse_linear_matches_reference(case, dtype):
+def test_sparse_linear_matches_reference(impl, case, dtype):
     k, n, lead, density, bias = case
-    x, w, m, b = _data(hash(case) % 2**31, (*lead, k), (n, k), density, dtype, bias)
+    x, w, m, b = _data(hash(case) % 2**31, (*lead, k), (n, k), density, dtype, bias, impl.device)
     cw = sc.compress(w, m).validate()
     ref = F.linear(x.double(), w.double() * m, None if b is None else b.double())
-    _check(sc.sparse_linear(x, cw, b, backend_name="triton"), ref, dtype)
-    _check(sc.sparse_linear(x, cw, b, backend_name="reference"), ref, dtype)
+    _check(linear(x, cw, b), ref, dtype)
 
 
 # ---- the compressed format -----------------------------------------------------------------------

@@ -1,10 +1,10 @@
-"""Benchmarks: the fused multi-tensor reset ``ke_fast.kernels.reinit_`` against its baselines.
+"""Benchmarks: the fused multi-tensor reset ``ke_fast.ReinitPlan`` (op ``ke_fast::reset_entries_``) and its baselines.
 
 Run with ``pytest benchmarks --benchmark-only`` (not part of ``pytest tests``). Weight sets: every conv and
 linear weight plus the fc bias of ResNet-18 / ResNet-50 (1000 classes, ImageNet stem), fp32, on CUDA if there
 is one, else CPU. Masks: KELS 0.5 and WELS 0.5. Contenders, one group per (model, mode):
 
-* ``reinit_``: one call over all layers with packed int32 masks.
+* ``one-shot``: ``ReinitPlan(...).run(1)`` over all layers with packed int32 masks (validates and lays out every call).
 * ``eager``: the official KE per-layer loop (zeros_like + kaiming_uniform_ + where on a float mask ``.bool()``-ed
   every call, as ``self.mask.type(torch.bool)`` does).
 * ``compile``: ``torch.compile`` of that same loop (compiled and warmed up outside the timed region).
@@ -26,6 +26,7 @@ from _timing import device_seconds as _device_seconds
 from _timing import sync as _sync
 from torch import nn
 
+import ke_fast
 from ke_fast import kernels as K
 from ke_fast.models import resnet18, resnet50
 
@@ -69,7 +70,7 @@ def _masks(model: str, mode: str):
             packed.append(K.kels_mask_bits(w.shape, SPLIT_RATE, keep_all_inputs=name == "conv1.weight",
                                            keep_all_outputs=name.startswith("fc."), device=DEVICE))
         else:
-            packed.append(K.wels_mask_bits(w.shape, SPLIT_RATE, seed=SEED, stream=K.layer_stream(0, i),
+            packed.append(ke_fast.wels_mask_bits(w.shape, SPLIT_RATE, seed=SEED, stream=K.layer_stream(0, i),
                                            device=DEVICE))
     floats = [K.unpack_mask(b, w.shape).float() for b, w in zip(packed, weights)]
     return packed, floats
@@ -178,21 +179,21 @@ def _check_reset(weights, originals, float_masks) -> None:
 
 # ----------------------------------------------------------------------------------------------- benchmarks
 @pytest.mark.parametrize("model,mode", CASES)
-@pytest.mark.parametrize("api", ["reinit_", "plan"])
+@pytest.mark.parametrize("api", ["one-shot", "plan"])
 def test_reinit_fused(benchmark, model, mode, api):
-    """``reinit_`` validates, packs and lays out on every call; ``plan`` is ``ReinitPlan.run`` (what
-    ``ke_fast.reinit_(model, g)`` does from the second generation on): the launch alone."""
+    """``one-shot`` builds a ``ReinitPlan`` (validation, packing, layout) on every call; ``plan`` is
+    ``ReinitPlan.run`` (what ``ke_fast.reinit_(model, g)`` does from the second generation on)."""
     benchmark.group = f"reinit {model} {mode}"
     weights, originals, fans = _fresh(model, mode)
     packed, floats = _masks(model, mode)
     if api == "plan":
-        plan = K.ReinitPlan(weights, packed, seed=SEED, fans=fans)
+        plan = ke_fast.ReinitPlan(weights, packed, seed=SEED, fans=fans)
 
         def fn():
             plan.run(1)
     else:
         def fn():
-            K.reinit_(weights, packed, seed=SEED, generation=1, fans=fans)
+            ke_fast.ReinitPlan(weights, packed, seed=SEED, fans=fans).run(1)
 
     fn()  # builds the C++ extension / compiles the Triton kernel outside the timed region
     _sync()

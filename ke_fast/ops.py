@@ -24,7 +24,6 @@ where they could be built; ``cpp`` runs the reference for ops that have no C++ k
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Callable, Optional, Sequence
 
@@ -45,7 +44,8 @@ DEVICE_TYPES = ("cpu", "cuda")
 
 def legal_implementations(device_type: str, *, interpreting: bool | None = None,
                           cpp: bool | None = None) -> tuple[str, ...]:
-    """The implementations that can run on tensors of ``device_type`` on this host, the default first.
+    """The implementations that can run on tensors of ``device_type`` on this host (the first one is the
+    default, except that the interpreter is never the CPU default).
 
     ``cuda``: triton, reference. ``cpu``: cpp (where the C++ kernels build), triton (only under the
     Triton interpreter), reference. ``interpreting`` / ``cpp`` override what the host says (for tests
@@ -67,8 +67,8 @@ def implementation(device_type: str) -> str:
     if want != "auto" and want not in IMPLEMENTATIONS:
         raise ValueError(f"{ENV} must be one of auto, {', '.join(IMPLEMENTATIONS)}; got {want!r}")
     legal = legal_implementations(device_type)
-    if want == "auto":
-        return legal[0]
+    if want == "auto":  # Triton on CPU tensors (the interpreter) is a test vehicle, never the default
+        return legal[0] if device_type != "cpu" or legal[0] != "triton" else "reference"
     if want not in legal:
         why = ""
         if want == "triton" and device_type == "cpu":
@@ -292,6 +292,13 @@ def use_sparse(rows: int, density: float, device: torch.device) -> bool:
     return want == "on" or (rows <= SPARSE_MAX_ROWS and density <= SPARSE_MAX_DENSITY)
 
 
+def conv_rows(x: torch.Tensor, cw: kernels.sparse_conv.Compressed, stride: int | Sequence[int],
+              padding: int | Sequence[int], dilation: int | Sequence[int]) -> int:
+    """GEMM rows (batch x output pixels) of a conv2d of ``x`` with a compressed weight."""
+    size = _sparse.conv_out_size(x.shape, cw.shape, _pair(stride), _pair(padding), _pair(dilation))
+    return size[0] * size[2] * size[3]
+
+
 def sparse_conv2d(x: torch.Tensor, cw: kernels.sparse_conv.Compressed, bias: torch.Tensor | None = None,
                   stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0,
                   dilation: int | Sequence[int] = 1, groups: int = 1,
@@ -300,8 +307,7 @@ def sparse_conv2d(x: torch.Tensor, cw: kernels.sparse_conv.Compressed, bias: tor
     supplies W*M for the dense path (default: decompress on every call)."""
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     _sparse.check_conv_args(x, cw.shape, groups)
-    rows = x.shape[0] * math.prod(_sparse.conv_out_size(x.shape, cw.shape, stride, padding, dilation)[2:])
-    if use_sparse(rows, _sparse.density_of(cw), x.device):
+    if use_sparse(conv_rows(x, cw, stride, padding, dilation), _sparse.density_of(cw), x.device):
         return torch.ops.ke_fast.sparse_conv2d.default(x, cw.bits, cw.values, cw.offsets, list(cw.shape), bias,
                                                        stride, padding, dilation, groups)
     w = dense_weight() if dense_weight is not None else _sparse.decompress(cw)

@@ -1,7 +1,7 @@
 """Where the kernels can run: whether Triton is interpreting, and the C++ CPU extension.
 
 Choosing an implementation per call is not done here: :mod:`ke_fast.ops` registers each op's kernels
-per device with ``torch.library`` and is the one place that reads the ``KE_FAST_BACKEND`` override.
+per device with ``torch.library`` and is the one place that reads the debug override.
 """
 from __future__ import annotations
 

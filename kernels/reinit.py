@@ -8,6 +8,7 @@ are written without reading the weight (the weight is never read at all).
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -48,7 +49,7 @@ def _reinit_kernel(w_base, m_base, meta, tile_tensor, seed, stream_prefix, BQ: t
     m_off = tl.load(row + 1)
     numel = tl.load(row + 2)
     layer = tl.load(row + 3)
-    stream = splitmix64(stream_prefix.to(tl.uint64, bitcast=True) ^ layer.to(tl.uint64, bitcast=True))
+    stream = splitmix64(stream_prefix.to(tl.int64).to(tl.uint64, bitcast=True) ^ layer.to(tl.uint64, bitcast=True))
     stream = stream.to(tl.int64, bitcast=True)
     kind = tl.load(row + 4)
     scale = tl.load(row + 5).to(tl.int32).to(tl.float32, bitcast=True)
@@ -125,10 +126,33 @@ def reset_entries_(weights: list[torch.Tensor], words: list[torch.Tensor], table
     stream prefix; ``has_normal`` whether a row of the table is kind 1 (normal)."""
     if not tiles.numel():
         return
-    w_base = min(weights, key=lambda x: x.data_ptr())  # the table's offsets are relative to these
+    w_base = min(weights, key=lambda x: x.data_ptr())
     m_base = min(words, key=lambda x: x.data_ptr())
-    _reinit_kernel[(tiles.numel(),)](w_base, m_base, table, tiles, seed, prefix, BQ=tile_groups(has_normal),
-                                     HAS_NORMAL=has_normal, num_warps=num_warps(has_normal))
+    _reinit_kernel[(tiles.numel(),)](w_base, m_base, _addressed(table, weights, words), tiles, seed, prefix,
+                                     BQ=tile_groups(has_normal), HAS_NORMAL=has_normal,
+                                     num_warps=num_warps(has_normal))
+
+
+# table -> {tensor addresses: the table with its offset columns filled for them}. The kernel reaches every
+# tensor as an offset from the lowest-addressed one, so the offsets are taken from the tensors actually
+# passed (a clone made by functionalization or opcheck has other addresses), and cached: repeated resets
+# of the same tensors do no host work beyond reading their addresses.
+_ADDRESSED: "weakref.WeakKeyDictionary[torch.Tensor, dict[tuple[int, ...], torch.Tensor]]" = weakref.WeakKeyDictionary()
+_MAX_ADDRESS_SETS = 8
+
+
+def _addressed(table: torch.Tensor, weights: list[torch.Tensor], words: list[torch.Tensor]) -> torch.Tensor:
+    ptrs = tuple(x.data_ptr() for x in weights) + tuple(x.data_ptr() for x in words)
+    per_table = _ADDRESSED.setdefault(table, {})
+    filled = per_table.get(ptrs)
+    if filled is None:
+        offs = torch.tensor([_base_offsets(weights), _base_offsets(words)], dtype=torch.int64).t()
+        filled = table.clone()
+        filled[:, :2] = offs.to(table.device)
+        if len(per_table) >= _MAX_ADDRESS_SETS:
+            per_table.clear()
+        per_table[ptrs] = filled
+    return filled
 
 
 def prepare(weights, masks, init, fans, layer_ids, fan_mode) -> list[_Job]:
@@ -233,20 +257,19 @@ def _base_offsets(tensors: list[torch.Tensor]) -> list[int]:
 def launch_table(group: list[_Job]) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor, bool]:
     """(weights, words, table, tiles, has_normal) of one dtype group: the arguments of a reset, built once.
 
-    table: int64 [T, 8] on the weights' device, one row per tensor in list order: (element offset of the
-    weight from the lowest-addressed weight, likewise of its words, numel, layer id, kind, fp32 bits of
-    the scale, first tile, 0) — see :func:`.reference.table_rows`. tiles: int32 [n_tiles], the row of each
-    tile of the Triton launch."""
+    table: int64 [T, 8] on the weights' device, one row per tensor in list order: (0, 0, numel, layer id,
+    kind, fp32 bits of the scale, first tile, 0) — see :func:`.reference.table_rows`; the Triton launcher
+    fills the first two columns (the element offsets of the weight and of its words from the lowest-
+    addressed ones) from the tensors it is given. tiles: int32 [n_tiles], the row of each tile of the
+    Triton launch."""
     has_normal = any(j.kind == reference.KIND_NORMAL for j in group)
     bq = tile_groups(has_normal)
-    w_offs = _base_offsets([j.weight for j in group])
-    m_offs = _base_offsets([j.words for j in group])
     rows, counts = [], []
     first = 0
-    for j, wo, mo in zip(group, w_offs, m_offs):
+    for j in group:
         nt = triton.cdiv(triton.cdiv(j.weight.numel(), 4), bq)
         scale_bits = int(torch.tensor(j.scale, dtype=torch.float32).view(torch.int32))
-        rows.append([wo, mo, j.weight.numel(), j.layer, j.kind, scale_bits, first, 0])
+        rows.append([0, 0, j.weight.numel(), j.layer, j.kind, scale_bits, first, 0])
         counts.append(nt)
         first += nt
     device = group[0].weight.device

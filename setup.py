@@ -24,7 +24,7 @@ setup(
         "triton>=3.1; platform_system == 'Linux' and (platform_machine == 'x86_64' or platform_machine == 'aarch64')",
     ],
     extras_require={
-        "test": ["pytest", "scipy"],
+        "test": ["pytest", "pytest-xdist", "scipy"],
         "bench": ["pytest-benchmark", "matplotlib"],
         "demo": ["scikit-learn", "tqdm", "matplotlib"],
     },

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from . import kernels as K
 from .convert import fit_only, reinit_, reset_bn_, split
-from .masks import masked_layers
+from .masks import layer_mask, masked_layers
 
 EVOLVE_MODES = ("rand", "zero", "rewind")
 
@@ -199,8 +199,8 @@ class Evolution:
         cfg = self.cfg
         if cfg.resample_mask and cfg.split == "wels":
             for _, m in masked_layers(self.model):
-                m.set_fit_mask(K.wels_mask_bits(m.weight.shape, cfg.split_rate, seed=m.ke_seed,
-                                                stream=K.layer_stream(g, m.layer_index), device=m.weight.device))
+                m.set_fit_mask(layer_mask(m.weight.shape, "wels", cfg.split_rate, seed=m.ke_seed,
+                                          layer_index=m.layer_index, generation=g, device=m.weight.device))
         if cfg.evolve_mode == "rewind":
             reinit_(self.model, 0, init=cfg.init, purpose="init")
         else:

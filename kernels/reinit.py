@@ -8,7 +8,6 @@ are written without reading the weight (the weight is never read at all).
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -133,17 +132,16 @@ def reset_entries_(weights: list[torch.Tensor], words: list[torch.Tensor], table
                                      num_warps=num_warps(has_normal))
 
 
-# table -> {tensor addresses: the table with its offset columns filled for them}. The kernel reaches every
-# tensor as an offset from the lowest-addressed one, so the offsets are taken from the tensors actually
-# passed (a clone made by functionalization or opcheck has other addresses), and cached: repeated resets
-# of the same tensors do no host work beyond reading their addresses.
-_ADDRESSED: "weakref.WeakKeyDictionary[torch.Tensor, dict[tuple[int, ...], torch.Tensor]]" = weakref.WeakKeyDictionary()
+# The kernel reaches every tensor as an offset from the lowest-addressed one, so the offsets are taken from
+# the tensors actually passed (a clone made by functionalization or opcheck has other addresses) and kept
+# on the table object, per address set: repeated resets of the same tensors do no host work beyond
+# reading their addresses.
 _MAX_ADDRESS_SETS = 8
 
 
 def _addressed(table: torch.Tensor, weights: list[torch.Tensor], words: list[torch.Tensor]) -> torch.Tensor:
     ptrs = tuple(x.data_ptr() for x in weights) + tuple(x.data_ptr() for x in words)
-    per_table = _ADDRESSED.setdefault(table, {})
+    per_table = table.__dict__.setdefault("_ke_addressed", {})
     filled = per_table.get(ptrs)
     if filled is None:
         offs = torch.tensor([_base_offsets(weights), _base_offsets(words)], dtype=torch.int64).t()

@@ -18,6 +18,7 @@ A weight tile ``[32, BLOCK_N]`` is decoded as ``value = bit ? values[offset + po
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -240,8 +241,36 @@ _dw_tuned = triton.autotune(configs=[triton.Config({"BLOCK_M": 64, "BLOCK_N": 64
                             if not backend.interpreting() else _configs(), key=["M", "N", "K"])(_sparse_depthwise_kernel)
 
 
-def _conv_launcher(dtype: torch.dtype):
-    return _conv_tuned_fp32 if dtype == torch.float32 else _conv_tuned
+class _Fixed:
+    """A kernel launched with one config, no autotuning: ``_Fixed(kernel, cfg)[grid](*args, **constexprs)``."""
+
+    def __init__(self, kernel, config: triton.Config) -> None:
+        self.kernel, self.config = kernel, config
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            return self.kernel[grid](*args, **kwargs, **self.config.kwargs, num_warps=self.config.num_warps,
+                                     num_stages=self.config.num_stages)
+        return launch
+
+
+DEFAULT_CONFIG = {False: triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+                  True: triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=3)}
+
+
+def autotuning() -> bool:
+    """Whether the GPU launch autotunes over :func:`gpu_configs` per (M, N, K); ``KE_FAST_AUTOTUNE=0`` runs
+    :data:`DEFAULT_CONFIG` instead (the test suite does, and covers every config once on its own)."""
+    return not backend.interpreting() and os.environ.get("KE_FAST_AUTOTUNE", "1") != "0"
+
+
+def _conv_launcher(dtype: torch.dtype, config: triton.Config | None = None):
+    fp32 = dtype == torch.float32
+    if config is not None:
+        return _Fixed(_sparse_conv_kernel, config)
+    if not autotuning() and not backend.interpreting():
+        return _Fixed(_sparse_conv_kernel, DEFAULT_CONFIG[fp32])
+    return _conv_tuned_fp32 if fp32 else _conv_tuned
 
 
 def _too_big(*numels: int) -> bool:
@@ -283,11 +312,12 @@ def check_linear_args(x: torch.Tensor, shape: Sequence[int]) -> None:
 
 def sparse_conv2d(x: torch.Tensor, bits: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
                   shape: Sequence[int], bias: torch.Tensor | None, stride: Sequence[int], padding: Sequence[int],
-                  dilation: Sequence[int], groups: int) -> torch.Tensor:
+                  dilation: Sequence[int], groups: int, *, config: triton.Config | None = None) -> torch.Tensor:
     """Triton: conv2d of NCHW ``x`` (any memory format) with a compressed weight (groups 1 or depthwise).
 
-    Arguments validated by :func:`check_conv_args`; stride/padding/dilation are pairs. Returns NCHW values
-    in channels_last memory (the kernels compute NHWC), as every implementation of the op does."""
+    Arguments validated by :func:`check_conv_args`; stride/padding/dilation are pairs; ``config`` forces
+    one of :func:`gpu_configs` (groups=1). Returns NCHW values in channels_last memory (the kernels compute
+    NHWC), as every implementation of the op does."""
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     bsz, n_out, oh, ow = conv_out_size(x.shape, shape, stride, padding, dilation)
     if _too_big(x.numel(), values.numel(), bsz * oh * ow * n_out):
@@ -304,7 +334,7 @@ def sparse_conv2d(x: torch.Tensor, bits: torch.Tensor, values: torch.Tensor, off
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n_out, meta["BLOCK_N"]))  # noqa: E731
     if out.numel():
         if groups == 1:
-            _conv_launcher(x.dtype)[grid](out, xh, bits, vals, offsets, b_arg, m, n_out, k, t, offsets.shape[1], h, w,
+            _conv_launcher(x.dtype, config)[grid](out, xh, bits, vals, offsets, b_arg, m, n_out, k, t, offsets.shape[1], h, w,
                                           c, oh, ow, s, sh, sw, ph, pw, dh, dw, HAS_BIAS=bias is not None,
                                           IEEE=x.dtype == torch.float32, UPCAST=_upcast(x.dtype))
         else:
@@ -314,9 +344,10 @@ def sparse_conv2d(x: torch.Tensor, bits: torch.Tensor, values: torch.Tensor, off
 
 
 def sparse_linear(x: torch.Tensor, bits: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
-                  shape: Sequence[int], bias: torch.Tensor | None) -> torch.Tensor:
+                  shape: Sequence[int], bias: torch.Tensor | None, *, config: triton.Config | None = None
+                  ) -> torch.Tensor:
     """Triton: ``x @ (W*M).T + bias`` with a compressed [N, K] weight; x is [..., K] (validated by
-    :func:`check_linear_args`). Returns a contiguous [..., N] tensor."""
+    :func:`check_linear_args`); ``config`` as in :func:`sparse_conv2d`. Returns a contiguous [..., N] tensor."""
     n_out, k = shape
     if _too_big(x.numel(), values.numel(), x.numel() // max(k, 1) * n_out):
         return reference.sparse_linear(x, bits, values, offsets, shape, bias)
@@ -327,7 +358,7 @@ def sparse_linear(x: torch.Tensor, bits: torch.Tensor, values: torch.Tensor, off
     b_arg = bias.to(x.dtype) if bias is not None else vals
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n_out, meta["BLOCK_N"]))  # noqa: E731
     if out.numel():
-        _conv_launcher(x.dtype)[grid](out, x2, bits, vals, offsets, b_arg, m, n_out, k, bits.shape[1],
+        _conv_launcher(x.dtype, config)[grid](out, x2, bits, vals, offsets, b_arg, m, n_out, k, bits.shape[1],
                                       offsets.shape[1], 1, 1, k, 1, 1, 1, 1, 1, 0, 0, 1, 1,
                                       HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
                                       UPCAST=_upcast(x.dtype))

@@ -17,6 +17,17 @@ if HAS_CUDA:  # the oracles compare against fp64: TF32 convolutions and matmuls 
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
 
+# Under pytest-xdist every worker would start one intra-op thread per core: on a 16-core GPU host with 14
+# workers that oversubscribes the CPU ~14x (the demo and compile tests then took over 200 s each). Share the
+# cores between the workers instead.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+# On a GPU the sparse kernels would autotune every odd test shape over all their configs (a compile and a
+# benchmark each); tests run one config, and test_sparse_conv.py runs every config once on its own.
+if HAS_CUDA:
+    os.environ.setdefault("KE_FAST_AUTOTUNE", "0")
+
 import pytest  # noqa: E402
 
 from ke_fast.ops import legal_implementations  # noqa: E402

@@ -243,3 +243,29 @@ def test_memory_bf16_half_density():
     print(f"\ncompressed 256x256x3x3 bf16 at density {float(m.float().mean()):.4f}: {cw.nbytes()} B / {dense} B "
           f"= {ratio:.4f}")
     assert 0.55 <= ratio <= 0.60
+
+
+# ---- every autotuning config (the suite otherwise runs one: KE_FAST_AUTOTUNE=0 on GPUs) ------------
+
+def _config_cases():
+    out = []
+    for dtype in DTYPES:
+        for cfg in sc.gpu_configs(fp32=dtype == torch.float32):
+            out.append(pytest.param(dtype, cfg, id=f"{str(dtype)[6:]}-{cfg.kwargs['BLOCK_M']}x"
+                                                   f"{cfg.kwargs['BLOCK_N']}-w{cfg.num_warps}-s{cfg.num_stages}"))
+    return out
+
+
+@pytest.mark.parametrize("dtype,config", _config_cases())
+def test_every_gpu_config_matches_reference(dtype, config):
+    """Each config the GPU autotuner may pick, forced, on a conv and a linear that span several tiles and
+    chunks (Triton on the GPU; under the interpreter on CPU hosts)."""
+    x, w, m, b = _data(11, (2, 17, 9, 9), (130, 17, 3, 3), 0.4, dtype, True)
+    cw = sc.compress(w, m)
+    out = sc.sparse_conv2d(x, cw.bits, cw.values, cw.offsets, list(cw.shape), b, [1, 1], [1, 1], [1, 1], 1,
+                           config=config)
+    _check(out, F.conv2d(x.double(), w.double() * m, b.double(), 1, 1), dtype)
+    x, w, m, b = _data(12, (3, 300), (140, 300), 0.4, dtype, False)
+    cw = sc.compress(w, m)
+    out = sc.sparse_linear(x, cw.bits, cw.values, cw.offsets, list(cw.shape), None, config=config)
+    _check(out, F.linear(x.double(), w.double() * m), dtype)

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from . import backend, reference
 from .bitmask import num_words, pack_mask
-from .rng import box_muller, cast_rtne, philox_group, select4, splitmix64, uniform_pm1
+from .rng import box_muller_groups, cast_rtne, philox_group, select4, splitmix64, uniform_pm1
 
 SCHEMES = ("kaiming_uniform_a_sqrt5", "kaiming_uniform", "kaiming_normal", "xavier_uniform", "xavier_normal", "zeros")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -37,7 +37,8 @@ def _reinit_kernel(w_base, m_base, meta, tile_tensor, seed, stream_prefix, BQ: t
     stream_prefix: the (purpose, generation) part of the streams; a tensor's stream is
     splitmix64(stream_prefix ^ layer id), as on the host, so the tables are built once per plan.
     HAS_NORMAL: whether any tensor of the launch is kind 1; the fp64 Box-Muller costs registers and
-    stack, so uniform-only launches (the default KE reset) compile without it.
+    stack, so uniform-only launches (the default KE reset) compile without it, and launches with it
+    draw the tile in 4 sequential sub-tiles of BQ // 4 groups to bound the registers.
     Element i of a tensor is reset iff bit (i % 32) of word i // 32 is 0; its value is
     scale * uniform[-1, 1) (kind 0), scale * N(0, 1) (kind 1) or 0 (kind 2) from group i >> 2.
     """
@@ -53,23 +54,27 @@ def _reinit_kernel(w_base, m_base, meta, tile_tensor, seed, stream_prefix, BQ: t
     kind = tl.load(row + 4)
     scale = tl.load(row + 5).to(tl.int32).to(tl.float32, bitcast=True)
     first = tl.load(row + 6)
-    q = (pid - first) * BQ + tl.arange(0, BQ)[:, None]  # int64 groups: tensors may exceed 2^31 elements
-    j = tl.arange(0, 4)[None, :]
-    idx = q * 4 + j
-    word = tl.load(m_base + m_off + (q >> 3), mask=q * 4 < numel, other=-1)
-    reset = (((word >> ((q & 7) * 4 + j).to(tl.int32)) & 1) == 0) & (idx < numel)
-    if tl.max(reset.to(tl.int32)) > 0:
-        if kind == 2:
-            val = tl.zeros([BQ, 4], dtype=tl.float32)
-        else:
-            r0, r1, r2, r3 = philox_group(seed, q, stream)
-            val = uniform_pm1(select4(j, r0, r1, r2, r3)) * scale
-            if HAS_NORMAL:
-                if kind == 1:
-                    z0, z1 = box_muller(r0, r1)
-                    z2, z3 = box_muller(r2, r3)
-                    val = select4(j, z0, z1, z2, z3) * scale
-        tl.store(w_base + w_off + idx, cast_rtne(val, w_base.dtype.element_ty), mask=reset)
+    # Launches with normal tensors walk the tile in NSUB sub-tiles, one after the other: the fp64
+    # Box-Muller of 8 elements per thread at once needs ~100 registers; 2 at a time, under 50.
+    # Uniform-only launches (the default reset) keep one pass over the tile: their code is unchanged.
+    NSUB: tl.constexpr = 4 if HAS_NORMAL else 1
+    QS: tl.constexpr = BQ // NSUB
+    for s in tl.static_range(NSUB):
+        q = (pid - first) * BQ + s * QS + tl.arange(0, QS)[:, None]  # int64: tensors may exceed 2^31 elements
+        j = tl.arange(0, 4)[None, :]
+        idx = q * 4 + j
+        word = tl.load(m_base + m_off + (q >> 3), mask=q * 4 < numel, other=-1)
+        reset = (((word >> ((q & 7) * 4 + j).to(tl.int32)) & 1) == 0) & (idx < numel)
+        if tl.max(reset.to(tl.int32)) > 0:
+            if kind == 2:
+                val = tl.zeros([QS, 4], dtype=tl.float32)
+            else:
+                r0, r1, r2, r3 = philox_group(seed, q, stream)
+                val = uniform_pm1(select4(j, r0, r1, r2, r3)) * scale
+                if HAS_NORMAL:
+                    if kind == 1:
+                        val = box_muller_groups(r0, r1, r2, r3) * scale
+            tl.store(w_base + w_off + idx, cast_rtne(val, w_base.dtype.element_ty), mask=reset)
 
 
 @dataclass

@@ -86,6 +86,20 @@ def box_muller(ra, rb):
 
 
 @triton.jit
+def box_muller_groups(r0, r1, r2, r3):
+    """The four normals of each group: [Q, 1] uint32 draws -> [Q, 4] fp32.
+
+    Elements 0, 1 are (cos, sin) of ``box_muller(r0, r1)``, elements 2, 3 of ``box_muller(r2, r3)``.
+    Both pairs are computed side by side as one [Q, 2] tensor and interleaved with join + reshape, so
+    each pair is computed once by one thread. (Broadcasting [Q, 1] results over the 4 columns let
+    Triton 3.6/3.7 recompute the fp64 math in each of the 4 threads that store a group: 4x the work,
+    255 registers and spills on sm_90.)"""
+    p = tl.arange(0, 2)[None, :]
+    zc, zs = box_muller(tl.where(p == 0, r0, r2), tl.where(p == 0, r1, r3))
+    return tl.reshape(tl.join(zc, zs), [zc.shape[0], 4])
+
+
+@triton.jit
 def select4(j, a, b, c, d):
     """Per column ``j`` in 0..3 pick a, b, c or d (broadcast)."""
     return tl.where(j == 0, a, tl.where(j == 1, b, tl.where(j == 2, c, d)))

@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 WORKERS ?= auto
 HAS_CUDA := $(shell $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1 && echo 1)
 
-.PHONY: install test demo bench aot
+.PHONY: install test demo bench aot aot-matrix
 
 install:
 ifeq ($(HAS_CUDA),1)
@@ -32,3 +32,18 @@ bench: install
 
 aot: install
 	$(PY) -m ke_fast.kernels.aot
+
+# The same check under several Triton releases, each in its own venv under build/ (git-ignored):
+#   make aot-matrix TRITONS="3.6.0 3.9.0"
+TRITONS ?= 3.6.0 3.9.0
+AOT_VENVS ?= build/aot-venvs
+aot-matrix:
+	@rc=0; for v in $(TRITONS); do \
+	  venv=$(AOT_VENVS)/triton-$$v; \
+	  if [ ! -x $$venv/bin/python ]; then \
+	    $(PY) -m venv $$venv && $$venv/bin/python -m pip install -q "$(TORCH)" "triton==$$v" numpy \
+	      && $$venv/bin/python -m pip install -q --no-deps -e . || { rm -rf $$venv; exit 1; }; \
+	  fi; \
+	  echo "== triton $$v"; \
+	  env -u TRITON_INTERPRET $$venv/bin/python -m ke_fast.kernels.aot || rc=1; \
+	done; exit $$rc

@@ -1,14 +1,21 @@
 """Ahead-of-time compilation of every Triton kernel for sm_80 and sm_90 — no GPU needed.
 
 The interpreter is lenient: a kernel can pass there and fail to compile. ``python -m ke_fast.kernels.aot``
-compiles each kernel with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cap, 32), options=options)``, reads
-registers / spills (local memory) / shared memory of the cubin with the cuobjdump shipped in the
-Triton wheel, prints one JSON object per kernel and exits 1 if any kernel spills or fails to compile.
+compiles each kernel with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cap, 32), options=options)``
+and reads registers / spills / stack frame from the ``ptxas -v`` log of that very compile: the cubin
+a GPU would run, built with Triton's own ptxas binary and flags, which differ by release and
+architecture (``--regAllocOptLevel=2`` from 3.7 on; ``ptxas`` for sm_80 but ``ptxas-blackwell`` for
+sm_90 in 3.9) and change the spills. Prints one JSON object per kernel (``"ptxas": "triton"``; or
+``"wheel"`` where a Triton release prints no log and the wheel's ptxas-blackwell is run on the PTX
+instead) and exits 1 if any kernel spills or fails to compile.
 Must run with ``TRITON_INTERPRET`` unset (jit functions are then real JITFunctions).
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -65,33 +72,62 @@ def _ptxas() -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas-blackwell")
 
 
+def _parse_ptxas_log(log: str) -> dict:
+    """Registers, spill stores + loads and stack frame of every function in a ``ptxas -v`` log."""
+    num = lambda pat: sum(int(x) for x in re.findall(pat, log))  # noqa: E731
+    return dict(registers=num(r"Used (\d+) registers"), spill_bytes=num(r"(\d+) bytes spill stores")
+                + num(r"(\d+) bytes spill loads"), stack=num(r"(\d+) bytes stack frame"))
+
+
 def _ptxas_report(ptx: str, cap: int) -> dict:
-    """Registers, spill stores/loads and stack frame, as ``ptxas -v`` reports them."""
+    """The wheel's ptxas-blackwell run on the PTX with default flags (fallback when Triton prints no log)."""
     arch = f"sm_{cap}a" if cap == 90 else f"sm_{cap}"
     with tempfile.TemporaryDirectory() as d:
         src = Path(d) / "k.ptx"
         src.write_text(ptx)
         err = subprocess.run([_ptxas(), f"-arch={arch}", "-v", str(src), "-o", str(Path(d) / "k.cubin")],
                              capture_output=True, text=True, check=True).stderr
-    num = lambda pat: sum(int(x) for x in re.findall(pat, err))  # noqa: E731
-    return dict(registers=num(r"Used (\d+) registers"), spill_bytes=num(r"(\d+) bytes spill stores")
-                + num(r"(\d+) bytes spill loads"), stack=num(r"(\d+) bytes stack frame"))
+    return _parse_ptxas_log(err)
+
+
+@contextlib.contextmanager
+def _environ(**values: str):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def compile_all() -> list[dict]:
-    """Compile every spec for every capability; one result dict each."""
+    """Compile every spec for every capability; one result dict each.
+
+    Triton prints its ptxas log (TRITON_DUMP_PTXAS_LOG) only when ptxas really runs, so every
+    kernel is compiled afresh in an empty cache directory."""
     results = []
-    for name, kernel, signature, constexprs, options in specs():
-        for cap in CAPABILITIES:
-            row = {"kernel": name, "sm": cap, "num_warps": options.get("num_warps", 4)}
-            try:
-                compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                                          target=GPUTarget("cuda", cap, 32), options=options)
-                row.update(_ptxas_report(compiled.asm["ptx"], cap), shared=int(compiled.metadata.shared))
-                row["ok"] = row["spill_bytes"] == 0
-            except Exception as exc:  # report every failure, not just the first
-                row.update(ok=False, error=f"{type(exc).__name__}: {exc}")
-            results.append(row)
+    with tempfile.TemporaryDirectory() as cache, _environ(TRITON_CACHE_DIR=cache, TRITON_DUMP_PTXAS_LOG="1"):
+        for name, kernel, signature, constexprs, options in specs():
+            for cap in CAPABILITIES:
+                row = {"kernel": name, "sm": cap, "num_warps": options.get("num_warps", 4)}
+                try:
+                    log = io.StringIO()
+                    with contextlib.redirect_stdout(log):
+                        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                                                  target=GPUTarget("cuda", cap, 32), options=options)
+                    if "Used" in log.getvalue():
+                        row.update(_parse_ptxas_log(log.getvalue()), ptxas="triton")
+                    else:
+                        row.update(_ptxas_report(compiled.asm["ptx"], cap), ptxas="wheel")
+                    row.update(shared=int(compiled.metadata.shared))
+                    row["ok"] = row["spill_bytes"] == 0
+                except Exception as exc:  # report every failure, not just the first
+                    row.update(ok=False, error=f"{type(exc).__name__}: {exc}")
+                results.append(row)
     return results
 
 

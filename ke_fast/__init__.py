@@ -13,5 +13,6 @@ from .nn import MaskedConv1d, MaskedConv2d, MaskedLayer, MaskedLinear
 from .ops import ReinitPlan, wels_mask_bits
 
 __version__ = "0.1.0"
-__all__ = ["kernels", "ops", "ReinitPlan", "wels_mask_bits", "extract_slim", "extract_sparse", "SparseConv2d", "SparseLinear", "slim_report", "split", "revert", "adopt", "reinit_", "fit_only", "set_mode", "masks", "masked_layers",
-           "MaskedConv1d", "MaskedConv2d", "MaskedLinear", "MaskedLayer"]
+__all__ = ["kernels", "ops", "ReinitPlan", "wels_mask_bits", "extract_slim", "extract_sparse", "SparseConv2d",
+           "SparseLinear", "slim_report", "split", "revert", "adopt", "reinit_", "fit_only", "set_mode", "masks",
+           "masked_layers", "MaskedConv1d", "MaskedConv2d", "MaskedLinear", "MaskedLayer"]

@@ -37,7 +37,8 @@ def check_args(x: torch.Tensor, words: torch.Tensor, dtype: torch.dtype | None) 
     """Validate the arguments of a masked weight (every implementation's contract); return the output dtype."""
     dtype = x.dtype if dtype is None else dtype
     if x.dtype not in DTYPES or dtype not in DTYPES:
-        raise TypeError(f"masked weight supports float32/float16/bfloat16/float64, got weight {x.dtype} -> dtype {dtype}")
+        raise TypeError(f"masked weight supports float32/float16/bfloat16/float64, got weight {x.dtype} -> "
+                        f"dtype {dtype}")
     if words.dtype != torch.int32 or words.dim() != 1 or words.numel() != num_words(x.numel()):
         raise ValueError(f"words must be {num_words(x.numel())} int32 packed words for {x.numel()} elements, "
                          f"got {words.dtype} of shape {tuple(words.shape)}")

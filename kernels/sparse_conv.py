@@ -335,9 +335,10 @@ def sparse_conv2d(x: torch.Tensor, bits: torch.Tensor, values: torch.Tensor, off
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n_out, meta["BLOCK_N"]))  # noqa: E731
     if out.numel():
         if groups == 1:
-            _conv_launcher(x.dtype, config)[grid](out, xh, bits, vals, offsets, b_arg, m, n_out, k, t, offsets.shape[1], h, w,
-                                          c, oh, ow, s, sh, sw, ph, pw, dh, dw, HAS_BIAS=bias is not None,
-                                          IEEE=x.dtype == torch.float32, UPCAST=_upcast(x.dtype))
+            _conv_launcher(x.dtype, config)[grid](out, xh, bits, vals, offsets, b_arg, m, n_out, k, t,
+                                                  offsets.shape[1], h, w, c, oh, ow, s, sh, sw, ph, pw, dh, dw,
+                                                  HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
+                                                  UPCAST=_upcast(x.dtype))
         else:
             _dw_tuned[grid](out, xh, bits, vals, offsets, b_arg, m, n_out, k, t, offsets.shape[1], h, w,
                             oh, ow, s, sh, sw, ph, pw, dh, dw, HAS_BIAS=bias is not None)

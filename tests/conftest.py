@@ -22,7 +22,9 @@ if HAS_CUDA:  # the oracles compare against fp64: TF32 convolutions and matmuls 
 # cores between the workers instead.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+    torch.set_num_threads(_THREADS)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))  # the CLI / DDP tests' subprocesses too
 # On a GPU the sparse kernels would autotune every odd test shape over all their configs (a compile and a
 # benchmark each); tests run one config, and test_sparse_conv.py runs every config once on its own.
 if HAS_CUDA:

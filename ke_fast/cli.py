@@ -7,9 +7,10 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from .data import DataError, digits, image_folder
-from .evolve import CheckpointError, Config, Evolution
+from .evolve import CheckpointError, Config, Evolution, init_process_group
 from .models import build_model
 
 
@@ -55,6 +56,7 @@ def _positive(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (argument errors exit with 2 through argparse)."""
     p = _parser()
     args = p.parse_args(argv)
     _positive(p, args)
@@ -62,12 +64,19 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--device {args.device}: CUDA is not available")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:  # under torchrun: one process per rank
-        import torch.distributed as dist
-
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             args.device = args.device or f"cuda:{torch.cuda.current_device()}"
+    try:
+        return _run(args)
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Load the data, build the model and run KE on ``args.device``; returns the exit code."""
     try:
         if args.dataset == "digits":
             train, test, classes, channels = digits(args.per_class, seed=args.seed)

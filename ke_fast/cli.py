@@ -7,9 +7,10 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from .data import DataError, digits, image_folder
-from .evolve import CheckpointError, Config, Evolution
+from .evolve import CheckpointError, Config, Evolution, init_process_group
 from .models import build_model
 
 
@@ -54,20 +55,70 @@ def _positive(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--lr must be > 0, got {args.lr}")
 
 
+def resolve_device(device: str | None, cuda_available: bool, device_count: int, local_rank: int = 0,
+                   local_world_size: int = 1) -> tuple[str, str]:
+    """This process's device and the process-group backend that goes with it: ``(device, backend)``.
+
+    ``cpu`` never touches CUDA: ``("cpu", "gloo")``. ``cuda`` (the default where CUDA is available) gives
+    local rank i the GPU ``cuda:i`` and ``nccl``, so it needs a GPU per local rank; ``cuda:N`` pins a
+    single process to GPU N. Other device types pass through with ``gloo``. ``local_rank`` and
+    ``local_world_size`` are torchrun's LOCAL_RANK and LOCAL_WORLD_SIZE (0 and 1 without torchrun).
+
+    Raises ValueError, with a message naming --device, when the request cannot be met."""
+    name = f"--device {device}" if device is not None else "--device cuda (the default where CUDA is available)"
+    if device is None:
+        device = "cuda" if cuda_available else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}") from None
+    if dev.type != "cuda":
+        return str(dev), "gloo"
+    if not cuda_available:
+        raise ValueError(f"{name}: CUDA is not available")
+    ranks = max(local_world_size, local_rank + 1)
+    if dev.index is None:
+        if ranks > device_count:
+            raise ValueError(f"{name}: {ranks} local ranks need one CUDA device each, but {device_count} "
+                             f"CUDA device(s) are visible; use --device cpu or at most {device_count} "
+                             f"rank(s) per node")
+        return f"cuda:{local_rank}", "nccl"
+    if dev.index >= device_count:
+        raise ValueError(f"{name}: expected cuda:0 .. cuda:{device_count - 1}, as {device_count} CUDA "
+                         f"device(s) are visible")
+    if ranks > 1:
+        raise ValueError(f"{name} would put all {ranks} local ranks on one GPU; use --device cuda "
+                         f"(local rank i gets cuda:i) or --device cpu")
+    return str(dev), "nccl"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (argument errors exit with 2 through argparse)."""
     p = _parser()
     args = p.parse_args(argv)
     _positive(p, args)
-    if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: CUDA is not available")
+    # a non-CUDA --device does not even ask the CUDA driver
+    cuda = (args.device is None or args.device.startswith("cuda")) and torch.cuda.is_available()
+    local_rank, local_world_size = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    try:
+        device, backend = resolve_device(args.device, cuda, torch.cuda.device_count() if cuda else 0, local_rank,
+                                         local_world_size)
+    except ValueError as exc:
+        p.error(str(exc))
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:  # under torchrun: one process per rank
-        import torch.distributed as dist
+        init_process_group(backend)
+        if backend == "nccl":
+            torch.cuda.set_device(device)
+    try:
+        return _run(args, device)
+    finally:
+        if distributed:
+            dist.destroy_process_group()
 
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            args.device = args.device or f"cuda:{torch.cuda.current_device()}"
+
+def _run(args: argparse.Namespace, device: str) -> int:
+    """Load the data, build the model and run KE on ``device``; returns the exit code."""
     try:
         if args.dataset == "digits":
             train, test, classes, channels = digits(args.per_class, seed=args.seed)
@@ -88,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         model = build_model(args.model, num_classes=classes, in_channels=channels, stem=stem, width=args.width)
     else:
         model = build_model(args.model, num_classes=classes, in_channels=channels)
-    ev = Evolution(model, train, test, cfg, args.out, device=args.device,
+    ev = Evolution(model, train, test, cfg, args.out, device=device,
                    progress=False if args.no_progress else None)
     if ev.rank == 0:
         print(f"KE {cfg.split.upper()} {cfg.split_rate} | {args.model} | {args.dataset}: {len(train)} train / "

@@ -104,6 +104,21 @@ def load_checkpoint(path: Path) -> dict:
     return ckpt
 
 
+def init_process_group(backend: str, **kwargs: Any) -> None:
+    """``torch.distributed.init_process_group`` such that ``destroy_process_group`` really ends the group.
+
+    DistributedDataParallel imports ``torch._dynamo`` on first use, which imports
+    ``torch.distributed.nn.functional``, whose functions bind ``group.WORLD`` as a default argument.
+    Imported after the default group exists, those defaults keep it alive past ``destroy_process_group``:
+    its gloo worker threads then run on into interpreter shutdown, and one that drops its last reference
+    to a Python-owned tensor there needs the GIL, so CPython ends that thread (pthread_exit) inside a
+    noexcept destructor and the process aborts ("terminate called without an active exception").
+    Importing them before the group exists makes those defaults None."""
+    import torch._dynamo  # noqa: F401  (for its side effect above)
+
+    dist.init_process_group(backend, **kwargs)
+
+
 def _lr_lambda(cfg: Config, steps_per_epoch: int) -> Callable[[int], float]:
     warm = cfg.warmup_epochs * steps_per_epoch
     total = cfg.epochs * steps_per_epoch

@@ -1,7 +1,9 @@
 """torch.compile(fullgraph=True) of a split model matches eager (dense and fit mode), and 2-rank DDP
-(gloo, CPU) sees identical masks and identical weights after a training step and a reset."""
+(gloo, CPU) sees identical masks and identical weights after a training step and a reset, then tears
+its process group down completely."""
 import os
 import socket
+import time
 
 import torch
 
@@ -92,14 +94,10 @@ def _checksum(t):
     return torch.stack([t.sum(), (t * idx).sum(), (t * t).sum()])
 
 
-def _ddp_worker(rank, world, port, out_path):
-    """One DDP rank: split, a fit-mode step, reset; gather checksums; rank 0 saves what it saw."""
-    import os
+def _ddp_steps(rank, world):
+    """Per split mode: split, a fit-mode DDP step, reset; gather what both ranks hold.
 
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+    Every model, DDP wrapper and collective buffer is gone when this returns."""
     import torch.distributed as dist
     import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel
@@ -107,52 +105,85 @@ def _ddp_worker(rank, world, port, out_path):
     import ke_fast
     import ke_fast.kernels as K
 
+    result = {}
+    for mode in ("kels", "wels"):
+        model = _model()
+        ke_fast.split(model, mode, 0.5, seed=SEED)
+        masks = _flat_masks(model).clone()
+        w_init = _flat_weights(model).clone()
+        ddp = DistributedDataParallel(model)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        g = torch.Generator().manual_seed(100 + rank)  # each rank its own data
+        x = torch.randn(2, 3, 16, 16, generator=g)
+        y = torch.randint(0, 10, (2,), generator=g)
+        with ke_fast.fit_only(model):
+            loss = F.cross_entropy(ddp(x), y)
+        loss.backward()
+        zero_reset_grads = all(
+            bool((m.weight.grad[~K.unpack_mask(m.fit_mask, m.weight.shape)] == 0).all())
+            for _, m in ke_fast.masked_layers(model))
+        opt.step()
+        w_step = _flat_weights(model).clone()
+        ke_fast.reinit_(model, 1)
+        w_reinit = _flat_weights(model)
+        local = torch.cat([_checksum(masks), _checksum(w_step), _checksum(w_reinit)])
+        gathered = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(gathered, local)
+        full_masks = [torch.empty_like(masks) for _ in range(world)]
+        dist.all_gather(full_masks, masks)
+        full_w = [torch.empty_like(w_reinit) for _ in range(world)]
+        dist.all_gather(full_w, w_reinit)
+        result[mode] = dict(
+            checksums=torch.stack(gathered),
+            masks_equal=all(torch.equal(full_masks[0], t) for t in full_masks[1:]),
+            weights_equal=all(torch.equal(full_w[0], t) for t in full_w[1:]),
+            stepped=not torch.equal(w_init, w_step),
+            reset_changed=not torch.equal(w_step, w_reinit),
+            zero_reset_grads=zero_reset_grads,
+            masks=masks,
+            loss=float(loss),
+        )
+    return result
+
+
+def _group_threads():
+    """Names of this process's threads that belong to a process group (gloo workers and transport loop,
+    the TCPStore server); read from /proc, so empty where there is none (not Linux)."""
+    task = "/proc/self/task"
+    names = []
+    for tid in os.listdir(task) if os.path.isdir(task) else []:
+        try:
+            with open(os.path.join(task, tid, "comm")) as f:
+                names.append(f.read().strip())
+        except OSError:  # the thread ended meanwhile
+            continue
+    return [n for n in names if "gloo" in n or "tcpstore" in n]
+
+
+def _ddp_worker(rank, world, port, out_path):
+    """One DDP rank: the steps, then a teardown that leaves no thread of the process group running (one
+    that runs on into interpreter shutdown can abort the process); rank 0 saves what it saw."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    import torch.distributed as dist
+
+    from ke_fast.evolve import init_process_group
+
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_process_group("gloo", rank=rank, world_size=world)
     try:
-        result = {}
-        for mode in ("kels", "wels"):
-            model = _model()
-            ke_fast.split(model, mode, 0.5, seed=SEED)
-            masks = _flat_masks(model).clone()
-            w_init = _flat_weights(model).clone()
-            ddp = DistributedDataParallel(model)
-            opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
-            g = torch.Generator().manual_seed(100 + rank)  # each rank its own data
-            x = torch.randn(2, 3, 16, 16, generator=g)
-            y = torch.randint(0, 10, (2,), generator=g)
-            with ke_fast.fit_only(model):
-                loss = F.cross_entropy(ddp(x), y)
-            loss.backward()
-            zero_reset_grads = all(
-                bool((m.weight.grad[~K.unpack_mask(m.fit_mask, m.weight.shape)] == 0).all())
-                for _, m in ke_fast.masked_layers(model))
-            opt.step()
-            w_step = _flat_weights(model).clone()
-            ke_fast.reinit_(model, 1)
-            w_reinit = _flat_weights(model)
-            local = torch.cat([_checksum(masks), _checksum(w_step), _checksum(w_reinit)])
-            gathered = [torch.empty_like(local) for _ in range(world)]
-            dist.all_gather(gathered, local)
-            full_masks = [torch.empty_like(masks) for _ in range(world)]
-            dist.all_gather(full_masks, masks)
-            full_w = [torch.empty_like(w_reinit) for _ in range(world)]
-            dist.all_gather(full_w, w_reinit)
-            result[mode] = dict(
-                checksums=torch.stack(gathered),
-                masks_equal=all(torch.equal(full_masks[0], t) for t in full_masks[1:]),
-                weights_equal=all(torch.equal(full_w[0], t) for t in full_w[1:]),
-                stepped=not torch.equal(w_init, w_step),
-                reset_changed=not torch.equal(w_step, w_reinit),
-                zero_reset_grads=zero_reset_grads,
-                masks=masks,
-                loss=float(loss),
-            )
+        result = _ddp_steps(rank, world)
         dist.barrier()
-        if rank == 0:
-            torch.save(result, out_path)
     finally:
         dist.destroy_process_group()
+    deadline = time.monotonic() + 5  # a thread just joined can linger in /proc for a moment; a leaked one stays
+    while (left := _group_threads()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not left, f"rank {rank}: threads of the process group outlive destroy_process_group: {left}"
+    if rank == 0:
+        torch.save(result, out_path)
 
 
 def _free_port():

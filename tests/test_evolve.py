@@ -473,6 +473,61 @@ def test_ddp_two_processes_cpu(tmp_path):
     assert any(not torch.equal(gen0[k], masks_a[k]) for k in masks_a)
 
 
+@pytest.mark.parametrize("device, cuda, count, rank, ranks, expected", [
+    ("cpu", True, 1, 1, 2, ("cpu", "gloo")),  # the reported case: rank 1 must not touch cuda:1
+    (None, False, 0, 1, 2, ("cpu", "gloo")),
+    ("cuda", True, 2, 1, 2, ("cuda:1", "nccl")),
+    (None, True, 2, 0, 2, ("cuda:0", "nccl")),
+    ("cuda:1", True, 2, 0, 1, ("cuda:1", "nccl")),
+])
+def test_resolve_device(device, cuda, count, rank, ranks, expected):
+    """(device, backend) per rank without a GPU: the CUDA facts are arguments, e.g. one GPU and two local
+    ranks (torchrun --nproc_per_node=2 on a 1-GPU host)."""
+    assert cli.resolve_device(device, cuda, count, rank, ranks) == expected
+
+
+@pytest.mark.parametrize("device, cuda, count, rank, ranks, words", [
+    ("cuda", True, 1, 1, 2, ("--device cuda", "2 local ranks", "1 CUDA device")),
+    (None, True, 1, 0, 2, ("--device cuda", "default", "2 local ranks", "1 CUDA device")),
+    ("cuda", False, 0, 0, 1, ("--device cuda", "not available")),
+    ("cuda:2", True, 2, 0, 1, ("--device cuda:2", "cuda:0 .. cuda:1", "2 CUDA device")),
+    ("cuda:0", True, 2, 0, 2, ("--device cuda:0", "2 local ranks", "one GPU")),
+    ("gpu", True, 1, 0, 1, ("--device", "cpu, cuda or cuda:N", "'gpu'")),
+])
+def test_resolve_device_errors(device, cuda, count, rank, ranks, words):
+    """Requests that cannot be met raise, naming --device and the counts."""
+    with pytest.raises(ValueError) as exc:
+        cli.resolve_device(device, cuda, count, rank, ranks)
+    assert all(w in str(exc.value) for w in words), str(exc.value)
+
+
+def test_cli_device_under_torchrun_on_one_gpu(tmp_path, capsys, monkeypatch):
+    """Rank 1 of 2 on a simulated 1-GPU host: --device cuda exits 2 before any work; --device cpu starts
+    a gloo group, never asks CUDA anything and never calls set_device."""
+    for k, v in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(k, v)
+    cuda_calls, calls = [], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_calls.append("is_available") or True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda_calls.append("device_count") or 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: cuda_calls.append(f"set_device({d})"))
+    monkeypatch.setattr(cli, "init_process_group", lambda backend: calls.append(("init", backend)))
+    monkeypatch.setattr(cli, "_run", lambda args, device: calls.append(("run", device)) or 0)
+    monkeypatch.setattr(cli.dist, "destroy_process_group", lambda: calls.append(("destroy",)))
+    out = tmp_path / "o"
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["run", "--device", "cuda", "--out", str(out)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--device cuda" in err and "2 local ranks" in err and "1 CUDA device" in err, err
+    assert calls == [] and not out.exists()
+
+    cuda_calls.clear()
+    assert cli.main(["run", "--device", "cpu", "--out", str(out)]) == 0
+    assert calls == [("init", "gloo"), ("run", "cpu"), ("destroy",)]
+    assert cuda_calls == []
+
+
 def test_rewind_needs_an_unsplit_model(tmp_path):
     """"rewind" regenerates initial weights ke_fast drew itself; a pre-split model has none: refuse."""
     import ke_fast

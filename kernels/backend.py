@@ -19,8 +19,8 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _cpu_tag() -> str:
-    """Short hash of this CPU's model and feature flags."""
+def _build_tag(source: bytes) -> str:
+    """Short hash of this CPU's model and feature flags and of the C++ source."""
     import hashlib
     import platform
 
@@ -30,7 +30,7 @@ def _cpu_tag() -> str:
         info += "".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags", "Features"))}))
     except OSError:
         pass
-    return hashlib.sha1(info.encode()).hexdigest()[:10]
+    return hashlib.sha1(info.encode() + source).hexdigest()[:12]
 
 
 def cpu_extension() -> ModuleType | None:
@@ -44,10 +44,11 @@ def cpu_extension() -> ModuleType | None:
         from torch.utils.cpp_extension import load
 
         src = Path(__file__).with_name("csrc") / "ke_fast_cpu.cpp"
-        # built with -march=native: the cache directory is per CPU model, so a shared home never hands
-        # one machine's build to another CPU
-        _ext = load(name=f"ke_fast_cpu_{_cpu_tag()}", sources=[str(src)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"], verbose=False)
+        # The build directory is named after the CPU (built with -march=native: a shared home never hands
+        # one machine's build to another CPU) and the source: two checkouts of different versions on one
+        # machine would otherwise share a directory, and ninja's timestamps could load the other's build.
+        _ext = load(name=f"ke_fast_cpu_{_build_tag(src.read_bytes())}", sources=[str(src)],
+                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, no headers: fall back, but say so once
         _ext_error = f"{type(exc).__name__}: {exc}"
         warnings.warn(f"ke_fast: C++ CPU kernels unavailable, using the PyTorch reference path ({_ext_error})",

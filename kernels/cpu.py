@@ -26,4 +26,4 @@ def reset_entries_(weights: list[torch.Tensor], words: list[torch.Tensor], table
     """Re-draw the reset entries of every tensor of a reset table, one C++ call per tensor (``tiles`` unused)."""
     ext = backend.cpu_extension()
     for i, stream, kind, scale in reference.table_rows(table, prefix):
-        ext.reinit_(weights[i], words[i], seed, as_int64(stream), kind, scale)
+        ext.reset_tensor_(weights[i], words[i], seed, as_int64(stream), kind, scale)

@@ -161,7 +161,8 @@ def wels_threshold(split_rate: float) -> int:
     return min(1 << 24, max(0, int(round(split_rate * (1 << 24)))))
 
 
-def reinit_(weight: torch.Tensor, words: torch.Tensor, key: int, stream: int, kind: int, scale: float) -> torch.Tensor:
+def reset_tensor_(weight: torch.Tensor, words: torch.Tensor, key: int, stream: int, kind: int, scale: float
+                  ) -> torch.Tensor:
     """Reset the entries of a contiguous ``weight`` whose mask bit is 0, in place; fit entries keep their bits."""
     flat = weight.view(-1)
     n = flat.numel()
@@ -200,7 +201,7 @@ def reset_entries_(weights: list[torch.Tensor], words: list[torch.Tensor], table
                    seed: int, prefix: int, has_normal: bool) -> None:
     """Re-draw the reset entries of every tensor of a reset table, tensor by tensor (``tiles`` unused)."""
     for i, stream, kind, scale in table_rows(table, prefix):
-        reinit_(weights[i], words[i], seed & M64, stream, kind, scale)
+        reset_tensor_(weights[i], words[i], seed & M64, stream, kind, scale)
 
 
 def decompress(bits: torch.Tensor, values: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

@@ -87,7 +87,7 @@ inline void uniform32(uint64_t q0, uint64_t key, uint64_t stream, float scale, f
 }
 
 template <typename T>
-void reinit_impl(T* w, const int32_t* words, int64_t n, uint64_t key, uint64_t stream, int64_t kind, float scale) {
+void reset_tensor_impl(T* w, const int32_t* words, int64_t n, uint64_t key, uint64_t stream, int64_t kind, float scale) {
   const int64_t nwords = (n + 31) / 32;
 #pragma omp parallel for schedule(static, 256) if (nwords >= kParallelWords)
   for (int64_t wi = 0; wi < nwords; ++wi) {
@@ -114,15 +114,15 @@ void reinit_impl(T* w, const int32_t* words, int64_t n, uint64_t key, uint64_t s
   }
 }
 
-void reinit_(torch::Tensor w, torch::Tensor words, int64_t key, int64_t stream, int64_t kind, double scale) {
-  TORCH_CHECK(w.device().is_cpu() && words.device().is_cpu(), "reinit_: CPU tensors expected");
-  TORCH_CHECK(w.is_contiguous(), "reinit_: weight must be contiguous");
-  TORCH_CHECK(words.scalar_type() == torch::kInt32 && words.is_contiguous(), "reinit_: mask must be contiguous int32 words");
-  TORCH_CHECK(words.numel() * 32 >= w.numel(), "reinit_: mask has too few words");
+void reset_tensor_(torch::Tensor w, torch::Tensor words, int64_t key, int64_t stream, int64_t kind, double scale) {
+  TORCH_CHECK(w.device().is_cpu() && words.device().is_cpu(), "reset_tensor_: CPU tensors expected");
+  TORCH_CHECK(w.is_contiguous(), "reset_tensor_: weight must be contiguous");
+  TORCH_CHECK(words.scalar_type() == torch::kInt32 && words.is_contiguous(), "reset_tensor_: mask must be contiguous int32 words");
+  TORCH_CHECK(words.numel() * 32 >= w.numel(), "reset_tensor_: mask has too few words");
   const float s = (float)scale;
   const int32_t* m = words.data_ptr<int32_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "ke_fast_reinit_cpu", [&] {
-    reinit_impl<scalar_t>(w.data_ptr<scalar_t>(), m, w.numel(), (uint64_t)key, (uint64_t)stream, kind, s);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "ke_fast_reset_tensor_cpu", [&] {
+    reset_tensor_impl<scalar_t>(w.data_ptr<scalar_t>(), m, w.numel(), (uint64_t)key, (uint64_t)stream, kind, s);
   });
 }
 
@@ -194,7 +194,7 @@ torch::Tensor draw_at(torch::Tensor idx, int64_t key, int64_t stream, int64_t ki
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("reinit_", &reinit_, "reset the 0-bit entries of a weight in place");
+  m.def("reset_tensor_", &reset_tensor_, "re-draw the 0-bit (reset) entries of one weight in place");
   m.def("wels_bits", &wels_bits, "WELS mask words from (seed, stream)");
   m.def("draw_at", &draw_at, "fp32 draws at element indices");
   m.def("apply_mask", &apply_mask, "(x * M).to(dtype) in one pass");

@@ -38,6 +38,13 @@ def split(model: nn.Module, mode: str = "kels", split_rate: float = 0.5, *, seed
           filter_fn: Callable[[str, nn.Module], bool] | None = None, example_input: Any = None) -> nn.Module:
     """Convert the conv/linear layers of ``model`` (this instance, in place) into KE masked layers.
 
+    KELS roles, from the torch.fx graph: a layer whose output reaches the model's output without passing
+    through another module with a weight matrix (a parameter of 2+ dims, converted or not) produces the
+    output and keeps all its outputs; a layer that reads the model's input that way keeps all its
+    inputs. So a conv feeding a classifier that ``filter_fn`` leaves out is a hidden layer, and a model
+    that is itself one layer keeps everything. Without a graph (``example_input``), the first and the
+    last of those modules to run decide, if they are split.
+
     Args:
         model: any nn.Module; layers of exact type nn.Conv1d / nn.Conv2d / nn.Linear are converted
             (their Parameters, hooks and identity are kept, so optimizers stay valid).
@@ -254,8 +261,19 @@ def trace(model: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(tracer.root, graph)
 
 
+def _mixes_channels(m: nn.Module) -> bool:
+    """A module with a weight matrix (a parameter of 2+ dims: conv, linear, attention, ...) computes new
+    channels: the network's input and output are not the channels on its other side."""
+    return any(p.dim() >= 2 for p in m.parameters())
+
+
 def _roles(model: nn.Module, layers: list[tuple[str, nn.Module]], example_input: Any) -> dict[str, _Role]:
+    """KELS role of every layer: "first" if it reads the model input and "last" if it produces the model
+    output, each without a channel-mixing module (:func:`_mixes_channels`, split or not) in between;
+    concatenation segments of its input."""
     names = {n for n, _ in layers}
+    if "" in names:  # the model is itself one layer: it reads the input and produces the output
+        return {"": _Role(first=True, last=True)}
     try:
         gm = trace(model)
     except Exception as exc:  # data-dependent control flow etc.
@@ -275,14 +293,19 @@ def _roles(model: nn.Module, layers: list[tuple[str, nn.Module]], example_input:
             gm.train(was_training)
     modules = dict(gm.named_modules())
     layer_nodes = {n for n in gm.graph.nodes if n.op == "call_module" and n.target in names}
+    # modules left dense that mix channels (e.g. a classifier filter_fn left out): nothing reaches past them
+    walls = {n for n in gm.graph.nodes if n.op == "call_module" and n.target not in names
+             and _mixes_channels(modules[n.target])}
     memo: dict[fx.Node, frozenset] = {}
 
     def sources(node: fx.Node) -> frozenset:
-        """Layer nodes (or "input") that reach ``node`` without crossing another layer."""
+        """Layer nodes (or "input") that reach ``node`` without crossing another channel-mixing module."""
         if node in memo:
             return memo[node]
         if node in layer_nodes:
             out = frozenset([node])
+        elif node in walls:
+            out = frozenset()
         elif node.op == "placeholder":
             out = frozenset(["input"])
         else:
@@ -369,8 +392,15 @@ def _channels(node: fx.Node, modules: dict) -> int:
 
 
 def _roles_by_hooks(model: nn.Module, layers: list[tuple[str, nn.Module]], example_input: Any) -> dict[str, _Role]:
+    """Roles from execution order: the first and the last channel-mixing module to run (split or not; the
+    modules fx would keep as leaves, so a model holding a parameter of its own is not one) are "first" and
+    "last" if they are split layers."""
     order: list[str] = []
-    handles = [m.register_forward_hook(lambda mod, i, o, name=n: order.append(name)) for n, m in layers]
+    names = {n for n, _ in layers}
+    tracer = _Tracer()
+    watched = [(n, m) for n, m in model.named_modules()
+               if n in names or (tracer.is_leaf_module(m, n) and _mixes_channels(m))]
+    handles = [m.register_forward_hook(lambda mod, i, o, name=n: order.append(name)) for n, m in watched]
     was_training = model.training
     try:
         model.eval()
@@ -380,9 +410,11 @@ def _roles_by_hooks(model: nn.Module, layers: list[tuple[str, nn.Module]], examp
         model.train(was_training)
         for h in handles:
             h.remove()
-    if not order:
+    if not any(n in names for n in order):
         raise ValueError("example_input ran no conv/linear layer of the model")
     roles = {n: _Role() for n, _ in layers}
-    roles[order[0]].first = True
-    roles[order[-1]].last = True
+    if order[0] in roles:
+        roles[order[0]].first = True
+    if order[-1] in roles:
+        roles[order[-1]].last = True
     return roles

@@ -545,3 +545,34 @@ def test_model_reinit_plan_follows_storage_changes():
     convert._PLANS.pop(fresh, None)
     ke_fast.reinit_(fresh, 3)
     assert all(torch.equal(p, q) for p, q in zip(c.parameters(), fresh.parameters()))
+
+
+# ---------------------------------------------------------------- KELS roles: the model's input and output
+
+
+def test_kels_classifier_left_out_makes_the_last_conv_a_hidden_layer():
+    mlp = build("mlp")
+    ke_fast.split(mlp, "kels", 0.5, filter_fn=lambda n, m: n != "classifier")
+    m = ke_fast.masks(mlp)
+    assert list(m) == ["body.0", "body.2"]
+    assert torch.equal(m["body.0"], kels_expected((17, 20), 0.5, first=True))
+    assert torch.equal(m["body.2"], kels_expected((9, 17), 0.5))  # ceil(s*9) = 5 of 9 outputs
+    torch.manual_seed(0)
+    convs = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 6, 3), nn.BatchNorm2d(6), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(6, 4))
+    ke_fast.split(convs, "kels", 0.5, filter_fn=lambda n, m: not isinstance(m, nn.Linear))
+    assert torch.equal(ke_fast.masks(convs)["2"], kels_expected((6, 8, 3, 3), 0.5))
+    untraceable = Untraceable()
+    ke_fast.split(untraceable, "kels", 0.5, example_input=torch.randn(2, 3, 6, 6), filter_fn=lambda n, m: n != "head")
+    assert torch.equal(ke_fast.masks(untraceable)["body"], kels_expected((6, 8, 3, 3), 0.5))  # by execution order
+
+
+@pytest.mark.parametrize("layer", [nn.Linear(5, 3), nn.Conv2d(2, 3, 3)], ids=["linear", "conv2d"])
+def test_kels_model_that_is_one_layer_keeps_everything(layer):
+    x = torch.randn(4, 5) if isinstance(layer, nn.Linear) else torch.randn(1, 2, 5, 5)
+    with torch.no_grad():
+        dense = layer(x)
+    ke_fast.split(layer, "kels", 0.5)
+    assert ke_fast.masks(layer)[""].all()  # all outputs (it produces the output) and all inputs (it reads the input)
+    with torch.no_grad(), ke_fast.fit_only(layer):
+        assert torch.equal(layer(x), dense)

@@ -19,7 +19,7 @@ from torch import nn
 
 from . import kernels as K
 from . import ops
-from .masks import check_mode, layer_mask, masked_layers
+from .masks import check_mode, layer_mask, masked_layers, output_mask
 from .nn import MASKED_OF, MaskedLayer
 
 _CAT = (torch.cat, torch.concat)
@@ -33,6 +33,13 @@ class _Role:
     last: bool = False  # produces the output: keeps all outputs (KELS)
     segments: list[int] | None = None  # input is a channel concatenation of these sizes (KELS)
 
+    def describe(self) -> str:
+        """The KELS role in words, for error messages."""
+        parts = (["reads the model input"] if self.first else []) + (["produces the output"] if self.last else [])
+        if self.segments is not None:
+            parts.append(f"reads a concatenation of {self.segments} channels")
+        return ", ".join(parts) or "hidden layer"
+
 
 def split(model: nn.Module, mode: str = "kels", split_rate: float = 0.5, *, seed: int = 0,
           filter_fn: Callable[[str, nn.Module], bool] | None = None, example_input: Any = None) -> nn.Module:
@@ -44,6 +51,13 @@ def split(model: nn.Module, mode: str = "kels", split_rate: float = 0.5, *, seed
     inputs. So a conv feeding a classifier that ``filter_fn`` leaves out is a hidden layer, and a model
     that is itself one layer keeps everything. Without a graph (``example_input``), the first and the
     last of those modules to run decide, if they are split.
+
+    Tied weights: layers sharing a weight (``b.weight = a.weight``) share its mask. Under WELS it is
+    drawn from the stream of the first of them (in ``named_modules`` order), which they all take as
+    their ``layer_index``; under KELS their roles must give the same mask, otherwise split refuses and
+    names both. :func:`reinit_` resets a shared Parameter once. A Parameter of a converted layer that a
+    module left dense also holds (e.g. an embedding tied to a classifier) is refused: that module would
+    read the reset entries in fit mode.
 
     Args:
         model: any nn.Module; layers of exact type nn.Conv1d / nn.Conv2d / nn.Linear are converted
@@ -68,22 +82,59 @@ def split(model: nn.Module, mode: str = "kels", split_rate: float = 0.5, *, seed
               if type(m) in MASKED_OF and (filter_fn is None or filter_fn(n, m))]
     if not layers:
         raise ValueError("model has no nn.Conv1d / nn.Conv2d / nn.Linear layer to split (after filter_fn)")
+    _check_shared_with_dense(model, layers)
     roles = _roles(model, layers, example_input) if mode == "kels" else {}
     plans = []
+    owners: dict[int, tuple] = {}  # id(weight or bias) -> (first layer, its index, its mask, what decided it)
     for index, (name, m) in enumerate(layers):
         role = roles.get(name, _Role())
         if mode == "kels" and isinstance(m, nn.Conv1d | nn.Conv2d) and m.groups > 1 and m.groups != m.in_channels:
             raise ValueError(f"layer {name!r}: KELS supports groups=1 and depthwise convs, not groups={m.groups} "
                              f"with {m.in_channels} input channels")
+        owner = owners.get(id(m.weight))
+        index = index if owner is None else owner[1]  # a tied weight has one stream: its first layer's
         depthwise = _is_depthwise(m)
         words = layer_mask(m.weight.shape, mode, split_rate, seed=seed, layer_index=index,
                            keep_all_inputs=role.first, keep_all_outputs=role.last,
                            in_segments=None if depthwise else role.segments,
                            out_segments=role.segments if depthwise else None, device=m.weight.device)
+        _claim(owners, m.weight, name, index, words, role.describe())
+        if m.bias is not None:
+            _claim(owners, m.bias, name, index, output_mask(words, m.weight.shape), "the outputs its weight keeps")
         plans.append((m, words, index))
     for m, words, index in plans:  # everything validated: now convert, all or nothing
         _convert(m, words, mode, split_rate, index, seed)
     return model
+
+
+def _label(name: str) -> str:
+    return repr(name) if name else "the model itself"
+
+
+def _claim(owners: dict, t: torch.Tensor, name: str, index: int, words: torch.Tensor, why: str) -> None:
+    """Record the mask of a layer's weight or bias; a tensor another layer claimed first (tied weights)
+    must get the same mask here: one Parameter, one mask."""
+    owner = owners.setdefault(id(t), (name, index, words, why))
+    if owner[0] != name and not torch.equal(owner[2], words):
+        raise ValueError(f"layers {owner[0]!r} and {name!r} share a Parameter, which can have one mask only, but "
+                         f"their masks differ ({owner[0]!r}: {owner[3]}; {name!r}: {why}); untie them or leave "
+                         f"one out with filter_fn")
+
+
+def _check_shared_with_dense(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> None:
+    """Refuse a layer Parameter that a module staying dense holds too: in fit mode that module would
+    compute with the reset entries, and every reinit_ would change its fit-only output."""
+    of = {id(p): n for n, m in layers for p in (m.weight, m.bias) if p is not None}
+    chosen = {id(m) for _, m in layers}
+    for name, mod in model.named_modules():
+        if id(mod) in chosen:
+            continue
+        for pname, p in mod._parameters.items():
+            if p is not None and id(p) in of:
+                raise ValueError(f"layer {of[id(p)]!r} shares a Parameter with {_label(name)} "
+                                 f"({type(mod).__name__}.{pname}), which split leaves dense: in fit mode it would "
+                                 f"read the entries reinit_ resets. Split both (if both are conv/linear), untie "
+                                 f"them, or leave {of[id(p)]!r} out with filter_fn")
 
 
 def _convert(m: nn.Module, words: torch.Tensor, mode: str, split_rate: float, index: int, seed: int) -> None:
@@ -149,7 +200,9 @@ def reinit_(model: nn.Module, generation: int, *, init: str = "kaiming_uniform_a
     The values depend only on (seed, purpose, generation, layer index, element index): the same on
     every device, DDP rank and after a resume. ``seed`` defaults to the one given to :func:`split`.
     ``purpose="init"`` with ``generation=0`` gives the initial values (``ignore_mask=True`` draws the
-    fit entries too: a whole-model initialisation that can later be regenerated, e.g. to rewind)."""
+    fit entries too: a whole-model initialisation that can later be regenerated, e.g. to rewind). A
+    Parameter that several layers share (tied weights) is reset once, from its first layer's stream; if
+    those layers' masks no longer agree, ValueError names them and nothing is reset."""
     layers = masked_layers(model)
     if not layers:
         raise ValueError("model has no masked layer: call ke_fast.split(model) first")
@@ -157,6 +210,7 @@ def reinit_(model: nn.Module, generation: int, *, init: str = "kaiming_uniform_a
         seed = layers[0][1].ke_seed
     weights, words, fans, ids = [], [], [], []
     strided: list[tuple[torch.Tensor, torch.Tensor]] = []  # (parameter, contiguous working copy)
+    listed: dict[int, tuple[str, torch.Tensor]] = {}  # id(parameter) -> (first layer holding it, its mask)
 
     def data(p: torch.Tensor) -> torch.Tensor:
         # detach() shares the parameter's version counter: the reset shows as an in-place change.
@@ -166,17 +220,25 @@ def reinit_(model: nn.Module, generation: int, *, init: str = "kaiming_uniform_a
         strided.append((p, p.detach().contiguous()))
         return strided[-1][1]
 
-    for _, m in layers:
-        fan = K.fans_of(m.weight.shape)
-        weights.append(data(m.weight))
-        words.append(torch.zeros_like(m.fit_mask) if ignore_mask else m.fit_mask)
+    def add(name: str, p: torch.Tensor, mask: torch.Tensor, fan: tuple[int, int], layer_id: int) -> None:
+        # a Parameter shared by several layers (tied weights) is reset once, and only if they agree on its
+        # mask: resetting it per layer would overwrite entries another layer keeps as fit
+        first = listed.setdefault(id(p), (name, mask))
+        if first[0] != name:
+            if not torch.equal(first[1], mask):
+                raise ValueError(f"layers {first[0]!r} and {name!r} share a Parameter but hold different fit masks "
+                                 f"for it (changed after split?); reinit_ would reset entries one of them keeps")
+            return
+        weights.append(data(p))
+        words.append(torch.zeros_like(mask) if ignore_mask else mask)
         fans.append(fan)
-        ids.append(2 * m.layer_index)
+        ids.append(layer_id)
+
+    for name, m in layers:
+        fan = K.fans_of(m.weight.shape)
+        add(name, m.weight, m.fit_mask, fan, 2 * m.layer_index)
         if m.bias is not None:
-            weights.append(data(m.bias))
-            words.append(torch.zeros_like(m.bias_mask) if ignore_mask else m.bias_mask)
-            fans.append(fan)
-            ids.append(2 * m.layer_index + 1)  # biases get streams of their own
+            add(name, m.bias, m.bias_mask, fan, 2 * m.layer_index + 1)  # biases get streams of their own
     key = (seed, init, fan_mode, tuple((w.data_ptr(), m.data_ptr(), m._version) for w, m in zip(weights, words)))
     cached = _PLANS.get(model)
     if cached is None or cached[0] != key:  # validated and laid out once, reused every generation

@@ -576,3 +576,88 @@ def test_kels_model_that_is_one_layer_keeps_everything(layer):
     assert ke_fast.masks(layer)[""].all()  # all outputs (it produces the output) and all inputs (it reads the input)
     with torch.no_grad(), ke_fast.fit_only(layer):
         assert torch.equal(layer(x), dense)
+
+
+# ---------------------------------------------------------------- tied weights: one Parameter, one mask
+
+
+class _Tied(nn.Module):
+    """Two hidden layers sharing weight and bias (``b.weight = a.weight``), between a stem and a head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem, self.a, self.b, self.head = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.b.weight, self.b.bias = self.a.weight, self.a.bias
+
+    def forward(self, x):
+        return self.head(F.relu(self.b(F.relu(self.a(F.relu(self.stem(x)))))))
+
+
+@pytest.mark.parametrize("mode", ["wels", "kels"])
+def test_tied_weights_share_one_mask_and_reinit_keeps_fit(mode):
+    model = ke_fast.split(_Tied(), mode, 0.5, seed=1)
+    masks = ke_fast.masks(model)
+    assert torch.equal(masks["a"], masks["b"])
+    assert model.a.layer_index == model.b.layer_index  # one Parameter, one stream
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), ke_fast.fit_only(model):
+        fit_before = model(x)
+    before = {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)}
+    ke_fast.reinit_(model, 1)
+    from ke_fast import convert
+
+    listed = [w.data_ptr() for w in convert._PLANS[model][1].weights]
+    assert len(listed) == len(set(listed)) == 6  # stem, a, head: the shared weight and bias once
+    for name, m in ke_fast.masked_layers(model):
+        keep, w0, w1 = masks[name], before[f"{name}.weight"], m.weight.detach()
+        assert torch.equal(w1[keep].view(torch.int32), w0[keep].view(torch.int32)), name  # bit-exact
+        assert (w1[~keep] != w0[~keep]).all(), name
+        bias_keep = keep.any(dim=1)
+        assert torch.equal(m.bias.detach()[bias_keep].view(torch.int32), before[f"{name}.bias"][bias_keep].view(
+            torch.int32)), name
+    with torch.no_grad(), ke_fast.fit_only(model):
+        assert torch.equal(model(x), fit_before)
+
+
+def test_tied_weights_with_different_kels_roles_are_refused():
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2))
+    model[2].weight = model[0].weight  # layer 0 reads the input (keeps all inputs), layer 2 does not
+    sd, classes = state(model), [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match=r"'0'.*'2'.*share a Parameter.*reads the model input.*hidden layer"):
+        ke_fast.split(model, "kels", 0.5)
+    assert_unsplit(model, sd, classes)
+    ke_fast.split(model, "wels", 0.5)  # WELS has no roles: one mask for both
+    assert torch.equal(ke_fast.masks(model)["0"], ke_fast.masks(model)["2"])
+
+
+class _TiedEmbedding(nn.Module):
+    """Language-model style weight tying: the classifier shares the embedding matrix."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(3, 8), nn.Linear(8, 3, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens):
+        return self.head(self.emb(tokens))
+
+
+def test_parameter_shared_with_a_dense_module_is_refused():
+    for model, kwargs, names in ((_TiedEmbedding(), {}, ("'head'", "'emb'", "Embedding")),
+                                 (_Tied(), dict(filter_fn=lambda n, m: n != "b"), ("'a'", "'b'", "Linear"))):
+        sd, classes = state(model), [type(m) for m in model.modules()]
+        for mode in ("wels", "kels"):
+            with pytest.raises(ValueError, match="shares a Parameter") as err:
+                ke_fast.split(model, mode, 0.5, **kwargs)
+            assert all(n in str(err.value) for n in names), str(err.value)
+            assert_unsplit(model, sd, classes)
+
+
+def test_reinit_refuses_tied_layers_whose_masks_diverged():
+    model = ke_fast.split(_Tied(), "wels", 0.5, seed=1)
+    model.b.set_fit_mask(K.pack_mask(torch.ones(8, 8, dtype=torch.bool)))
+    before = state(model)
+    with pytest.raises(ValueError, match=r"'a' and 'b' share a Parameter"):
+        ke_fast.reinit_(model, 1)
+    assert same_state(state(model), before)

@@ -9,6 +9,7 @@ by hand). Untraceable models fall back to the execution order recorded with hook
 from __future__ import annotations
 
 import contextlib
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -16,11 +17,13 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from . import kernels as K
 from . import ops
 from .masks import check_mode, layer_mask, masked_layers, output_mask
-from .nn import MASKED_OF, MaskedLayer
+from .nn import MASKED_OF, MaskedLayer, masked_class
 
 _CAT = (torch.cat, torch.concat)
 # reset plans per model (weakly keyed: a plan never outlives its model, and is never deep-copied or pickled)
@@ -42,8 +45,21 @@ class _Role:
 
 
 def split(model: nn.Module, mode: str = "kels", split_rate: float = 0.5, *, seed: int = 0,
-          filter_fn: Callable[[str, nn.Module], bool] | None = None, example_input: Any = None) -> nn.Module:
+          filter_fn: Callable[[str, nn.Module], bool] | None = None, example_input: Any = None,
+          strict: bool = False) -> nn.Module:
     """Convert the conv/linear layers of ``model`` (this instance, in place) into KE masked layers.
+
+    Layers: nn.Conv1d / nn.Conv2d / nn.Linear and their subclasses (e.g. timm's StdConv2d, Conv2dSame,
+    the official KE SplitConv) are converted; their Parameters, hooks and identity are kept, so
+    optimizers stay valid. A subclass becomes an instance of a class derived from both it and the
+    masked torch layer (:func:`ke_fast.nn.masked_class`): dense mode runs its own forward, fit mode runs
+    that forward with W*M in place of ``self.weight``; plain attributes of its own that the masked layer
+    uses too (e.g. ``split_mode``) hold ke_fast's values until :func:`revert` puts them back. Layers
+    ke_fast cannot split stay dense and are listed by name in one warning (an error with ``strict=True``):
+    other convolutions (Conv3d, ConvTranspose*), uninitialised lazy layers, the output projection of
+    nn.MultiheadAttention (which reads its weight without calling it) and layers with a Parameter, buffer,
+    submodule or class attribute named like one the masked layer sets. A subclass whose forward ignores
+    ``self.weight`` cannot be detected: in fit mode it computes what it computes without the mask.
 
     KELS roles, from the torch.fx graph: a layer whose output reaches the model's output without passing
     through another module with a weight matrix (a parameter of 2+ dims, converted or not) produces the
@@ -60,14 +76,15 @@ def split(model: nn.Module, mode: str = "kels", split_rate: float = 0.5, *, seed
     read the reset entries in fit mode.
 
     Args:
-        model: any nn.Module; layers of exact type nn.Conv1d / nn.Conv2d / nn.Linear are converted
-            (their Parameters, hooks and identity are kept, so optimizers stay valid).
+        model: any nn.Module.
         mode: ``"kels"`` (kernel-level: a slim fit network) or ``"wels"`` (weight-level: sparse).
         split_rate: fraction kept in the fit hypothesis, in (0, 1].
         seed: the run seed: WELS masks and every later reset are drawn from it (counter RNG).
-        filter_fn: ``(name, module) -> bool`` to choose layers (default: all).
+        filter_fn: ``(name, module) -> bool`` to choose layers (default: all); layers it leaves out are
+            never warned about.
         example_input: an input batch; needed only for models torch.fx cannot trace (and used for
             shapes of concatenations when given).
+        strict: raise ValueError instead of warning when some chosen layers cannot be split.
     Returns:
         ``model``. Raises ValueError/TypeError, with the model unchanged, on bad input.
     """
@@ -78,10 +95,19 @@ def split(model: nn.Module, mode: str = "kels", split_rate: float = 0.5, *, seed
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if masked_layers(model):
         raise ValueError("model is already split: call ke_fast.revert(model) first")
-    layers = [(n, m) for n, m in model.named_modules()
-              if type(m) in MASKED_OF and (filter_fn is None or filter_fn(n, m))]
+    layers, unsupported = [], []
+    for n, m in model.named_modules():
+        if isinstance(m, _ConvNd | nn.Linear) and (filter_fn is None or filter_fn(n, m)):
+            why = _unsupported(m)
+            if why is None:
+                layers.append((n, m))
+            else:
+                unsupported.append(f"{_label(n)} ({type(m).__name__}: {why})")
+    if unsupported and strict:
+        raise ValueError(f"split(strict=True): these layers cannot be split: {'; '.join(unsupported)}")
     if not layers:
-        raise ValueError("model has no nn.Conv1d / nn.Conv2d / nn.Linear layer to split (after filter_fn)")
+        left = f"; left dense: {'; '.join(unsupported)}" if unsupported else ""
+        raise ValueError(f"model has no nn.Conv1d / nn.Conv2d / nn.Linear layer to split (after filter_fn){left}")
     _check_shared_with_dense(model, layers)
     roles = _roles(model, layers, example_input) if mode == "kels" else {}
     plans = []
@@ -103,8 +129,32 @@ def split(model: nn.Module, mode: str = "kels", split_rate: float = 0.5, *, seed
             _claim(owners, m.bias, name, index, output_mask(words, m.weight.shape), "the outputs its weight keeps")
         plans.append((m, words, index))
     for m, words, index in plans:  # everything validated: now convert, all or nothing
-        _convert(m, words, mode, split_rate, index, seed)
+        _convert(m, words, mode, split_rate, index, seed, masked_class(type(m)))
+    if unsupported:
+        warnings.warn(f"ke_fast.split left these layers dense (not split): {'; '.join(unsupported)}. Leave them "
+                      f"out with filter_fn to silence this, or pass strict=True to make it an error.", stacklevel=2)
     return model
+
+
+# Instance attributes and buffers every masked layer sets (see MaskedLayer._setup_mask)
+_LAYER_ATTRS = ("split_mode", "split_rate", "layer_index", "mode", "ke_seed")
+_LAYER_TENSORS = ("fit_mask", "bias_mask")
+
+
+def _unsupported(m: nn.Module) -> str | None:
+    """Why ke_fast cannot split this conv/linear layer, or None when it can."""
+    if not isinstance(m, nn.Conv1d | nn.Conv2d | nn.Linear):
+        return "only Conv1d, Conv2d and Linear layers and their subclasses are split"
+    if isinstance(m.weight, nn.parameter.UninitializedParameter):
+        return "uninitialised lazy layer: run one forward first"
+    if isinstance(m, NonDynamicallyQuantizableLinear):
+        return "nn.MultiheadAttention reads this weight directly, never through the layer's forward"
+    # a plain instance attribute of these names is set aside until revert (see _convert); anything else is not
+    taken = [a for a in _LAYER_TENSORS + _LAYER_ATTRS if a in m._parameters or a in m._buffers or a in m._modules
+             or hasattr(type(m), a) or (a in _LAYER_TENSORS and a in m.__dict__)]
+    if taken:
+        return f"it has {', '.join(map(repr, taken))} of its own, which the masked layer would replace"
+    return None
 
 
 def _label(name: str) -> str:
@@ -137,19 +187,24 @@ def _check_shared_with_dense(model: nn.Module, layers: list[tuple[str, nn.Module
                                  f"them, or leave {of[id(p)]!r} out with filter_fn")
 
 
-def _convert(m: nn.Module, words: torch.Tensor, mode: str, split_rate: float, index: int, seed: int) -> None:
-    base = next(b for b in MASKED_OF if isinstance(m, b))
+def _convert(m: nn.Module, words: torch.Tensor, mode: str, split_rate: float, index: int, seed: int,
+             cls: type) -> None:
     m._ke_orig_class = type(m)
-    m.__class__ = MASKED_OF[base]  # this instance only; the class itself is never patched
+    shadowed = {a: m.__dict__.pop(a) for a in _LAYER_ATTRS if a in m.__dict__}
+    if shadowed:  # e.g. the official KE layers' own split_mode / split_rate: revert puts them back
+        m._ke_shadowed = shadowed
+    m.__class__ = cls  # this instance only; the class itself is never patched
     m._setup_mask(words, mode, split_rate, index, seed)
 
 
 def revert(model: nn.Module) -> nn.Module:
-    """Turn every masked layer back into its original class (weights kept, masks dropped)."""
+    """Turn every masked layer back into its original class (weights kept, masks dropped; a subclass's
+    own attributes that the masked layer shadowed are restored)."""
     for _, m in masked_layers(model):
-        for attr in ("split_mode", "split_rate", "layer_index", "mode", "ke_seed"):
+        for attr in _LAYER_ATTRS:
             m.__dict__.pop(attr, None)
         del m._buffers["fit_mask"], m._buffers["bias_mask"]
+        m.__dict__.update(m.__dict__.pop("_ke_shadowed", {}))
         m.__class__ = m.__dict__.pop("_ke_orig_class")
     return model
 
@@ -187,7 +242,9 @@ def adopt(model: nn.Module, attr: str = "mask", *, seed: int = 0) -> nn.Module:
                 m.weight.copy_(dense)
         else:
             delattr(m, attr)
-        _convert(m, words, "custom", max(K.density(words, m.weight.numel()), 1e-12), index, seed)
+        # the torch class's forward replaces the one that applied the foreign mask
+        base = next(b for b in MASKED_OF if isinstance(m, b))
+        _convert(m, words, "custom", max(K.density(words, m.weight.numel()), 1e-12), index, seed, MASKED_OF[base])
     return model
 
 
@@ -310,10 +367,11 @@ def fit_only(model: nn.Module) -> Iterator[nn.Module]:
 # ---- graph analysis ---------------------------------------------------------------------------
 
 class _Tracer(fx.Tracer):
-    """fx tracer that keeps masked layers as leaves (they live outside torch.nn, so fx would trace into them)."""
+    """fx tracer that keeps conv/linear layers as leaves, also masked layers and the user's subclasses (they
+    live outside torch.nn, so fx would trace into them and the layer would vanish from the graph)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, MaskedLayer) or super().is_leaf_module(m, qualname)
+        return isinstance(m, MaskedLayer | _ConvNd | nn.Linear) or super().is_leaf_module(m, qualname)
 
 
 def trace(model: nn.Module) -> fx.GraphModule:

@@ -9,6 +9,7 @@ by hand). Untraceable models fall back to the execution order recorded with hook
 from __future__ import annotations
 
 import contextlib
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -16,11 +17,13 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from . import kernels as K
 from . import ops
-from .masks import check_mode, layer_mask, masked_layers
-from .nn import MASKED_OF, MaskedLayer
+from .masks import check_mode, layer_mask, masked_layers, output_mask
+from .nn import MASKED_OF, MaskedLayer, masked_class
 
 _CAT = (torch.cat, torch.concat)
 # reset plans per model (weakly keyed: a plan never outlives its model, and is never deep-copied or pickled)
@@ -33,20 +36,55 @@ class _Role:
     last: bool = False  # produces the output: keeps all outputs (KELS)
     segments: list[int] | None = None  # input is a channel concatenation of these sizes (KELS)
 
+    def describe(self) -> str:
+        """The KELS role in words, for error messages."""
+        parts = (["reads the model input"] if self.first else []) + (["produces the output"] if self.last else [])
+        if self.segments is not None:
+            parts.append(f"reads a concatenation of {self.segments} channels")
+        return ", ".join(parts) or "hidden layer"
+
 
 def split(model: nn.Module, mode: str = "kels", split_rate: float = 0.5, *, seed: int = 0,
-          filter_fn: Callable[[str, nn.Module], bool] | None = None, example_input: Any = None) -> nn.Module:
+          filter_fn: Callable[[str, nn.Module], bool] | None = None, example_input: Any = None,
+          strict: bool = False) -> nn.Module:
     """Convert the conv/linear layers of ``model`` (this instance, in place) into KE masked layers.
 
+    Layers: nn.Conv1d / nn.Conv2d / nn.Linear and their subclasses (e.g. timm's StdConv2d, Conv2dSame,
+    the official KE SplitConv) are converted; their Parameters, hooks and identity are kept, so
+    optimizers stay valid. A subclass becomes an instance of a class derived from both it and the
+    masked torch layer (:func:`ke_fast.nn.masked_class`): dense mode runs its own forward, fit mode runs
+    that forward with W*M in place of ``self.weight``; plain attributes of its own that the masked layer
+    uses too (e.g. ``split_mode``) hold ke_fast's values until :func:`revert` puts them back. Layers
+    ke_fast cannot split stay dense and are listed by name in one warning (an error with ``strict=True``):
+    other convolutions (Conv3d, ConvTranspose*), uninitialised lazy layers, the output projection of
+    nn.MultiheadAttention (which reads its weight without calling it) and layers with a Parameter, buffer,
+    submodule or class attribute named like one the masked layer sets. A subclass whose forward ignores
+    ``self.weight`` cannot be detected: in fit mode it computes what it computes without the mask.
+
+    KELS roles, from the torch.fx graph: a layer whose output reaches the model's output without passing
+    through another module with a weight matrix (a parameter of 2+ dims, converted or not) produces the
+    output and keeps all its outputs; a layer that reads the model's input that way keeps all its
+    inputs. So a conv feeding a classifier that ``filter_fn`` leaves out is a hidden layer, and a model
+    that is itself one layer keeps everything. Without a graph (``example_input``), the first and the
+    last of those modules to run decide, if they are split.
+
+    Tied weights: layers sharing a weight (``b.weight = a.weight``) share its mask. Under WELS it is
+    drawn from the stream of the first of them (in ``named_modules`` order), which they all take as
+    their ``layer_index``; under KELS their roles must give the same mask, otherwise split refuses and
+    names both. :func:`reinit_` resets a shared Parameter once. A Parameter of a converted layer that a
+    module left dense also holds (e.g. an embedding tied to a classifier) is refused: that module would
+    read the reset entries in fit mode.
+
     Args:
-        model: any nn.Module; layers of exact type nn.Conv1d / nn.Conv2d / nn.Linear are converted
-            (their Parameters, hooks and identity are kept, so optimizers stay valid).
+        model: any nn.Module.
         mode: ``"kels"`` (kernel-level: a slim fit network) or ``"wels"`` (weight-level: sparse).
         split_rate: fraction kept in the fit hypothesis, in (0, 1].
         seed: the run seed: WELS masks and every later reset are drawn from it (counter RNG).
-        filter_fn: ``(name, module) -> bool`` to choose layers (default: all).
+        filter_fn: ``(name, module) -> bool`` to choose layers (default: all); layers it leaves out are
+            never warned about.
         example_input: an input batch; needed only for models torch.fx cannot trace (and used for
             shapes of concatenations when given).
+        strict: raise ValueError instead of warning when some chosen layers cannot be split.
     Returns:
         ``model``. Raises ValueError/TypeError, with the model unchanged, on bad input.
     """
@@ -57,41 +95,116 @@ def split(model: nn.Module, mode: str = "kels", split_rate: float = 0.5, *, seed
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if masked_layers(model):
         raise ValueError("model is already split: call ke_fast.revert(model) first")
-    layers = [(n, m) for n, m in model.named_modules()
-              if type(m) in MASKED_OF and (filter_fn is None or filter_fn(n, m))]
+    layers, unsupported = [], []
+    for n, m in model.named_modules():
+        if isinstance(m, _ConvNd | nn.Linear) and (filter_fn is None or filter_fn(n, m)):
+            why = _unsupported(m)
+            if why is None:
+                layers.append((n, m))
+            else:
+                unsupported.append(f"{_label(n)} ({type(m).__name__}: {why})")
+    if unsupported and strict:
+        raise ValueError(f"split(strict=True): these layers cannot be split: {'; '.join(unsupported)}")
     if not layers:
-        raise ValueError("model has no nn.Conv1d / nn.Conv2d / nn.Linear layer to split (after filter_fn)")
+        left = f"; left dense: {'; '.join(unsupported)}" if unsupported else ""
+        raise ValueError(f"model has no nn.Conv1d / nn.Conv2d / nn.Linear layer to split (after filter_fn){left}")
+    _check_shared_with_dense(model, layers)
     roles = _roles(model, layers, example_input) if mode == "kels" else {}
     plans = []
+    owners: dict[int, tuple] = {}  # id(weight or bias) -> (first layer, its index, its mask, what decided it)
     for index, (name, m) in enumerate(layers):
         role = roles.get(name, _Role())
         if mode == "kels" and isinstance(m, nn.Conv1d | nn.Conv2d) and m.groups > 1 and m.groups != m.in_channels:
             raise ValueError(f"layer {name!r}: KELS supports groups=1 and depthwise convs, not groups={m.groups} "
                              f"with {m.in_channels} input channels")
+        owner = owners.get(id(m.weight))
+        index = index if owner is None else owner[1]  # a tied weight has one stream: its first layer's
         depthwise = _is_depthwise(m)
         words = layer_mask(m.weight.shape, mode, split_rate, seed=seed, layer_index=index,
                            keep_all_inputs=role.first, keep_all_outputs=role.last,
                            in_segments=None if depthwise else role.segments,
                            out_segments=role.segments if depthwise else None, device=m.weight.device)
+        _claim(owners, m.weight, name, index, words, role.describe())
+        if m.bias is not None:
+            _claim(owners, m.bias, name, index, output_mask(words, m.weight.shape), "the outputs its weight keeps")
         plans.append((m, words, index))
     for m, words, index in plans:  # everything validated: now convert, all or nothing
-        _convert(m, words, mode, split_rate, index, seed)
+        _convert(m, words, mode, split_rate, index, seed, masked_class(type(m)))
+    if unsupported:
+        warnings.warn(f"ke_fast.split left these layers dense (not split): {'; '.join(unsupported)}. Leave them "
+                      f"out with filter_fn to silence this, or pass strict=True to make it an error.", stacklevel=2)
     return model
 
 
-def _convert(m: nn.Module, words: torch.Tensor, mode: str, split_rate: float, index: int, seed: int) -> None:
-    base = next(b for b in MASKED_OF if isinstance(m, b))
+# Instance attributes and buffers every masked layer sets (see MaskedLayer._setup_mask)
+_LAYER_ATTRS = ("split_mode", "split_rate", "layer_index", "mode", "ke_seed")
+_LAYER_TENSORS = ("fit_mask", "bias_mask")
+
+
+def _unsupported(m: nn.Module) -> str | None:
+    """Why ke_fast cannot split this conv/linear layer, or None when it can."""
+    if not isinstance(m, nn.Conv1d | nn.Conv2d | nn.Linear):
+        return "only Conv1d, Conv2d and Linear layers and their subclasses are split"
+    if isinstance(m.weight, nn.parameter.UninitializedParameter):
+        return "uninitialised lazy layer: run one forward first"
+    if isinstance(m, NonDynamicallyQuantizableLinear):
+        return "nn.MultiheadAttention reads this weight directly, never through the layer's forward"
+    # a plain instance attribute of these names is set aside until revert (see _convert); anything else is not
+    taken = [a for a in _LAYER_TENSORS + _LAYER_ATTRS if a in m._parameters or a in m._buffers or a in m._modules
+             or hasattr(type(m), a) or (a in _LAYER_TENSORS and a in m.__dict__)]
+    if taken:
+        return f"it has {', '.join(map(repr, taken))} of its own, which the masked layer would replace"
+    return None
+
+
+def _label(name: str) -> str:
+    return repr(name) if name else "the model itself"
+
+
+def _claim(owners: dict, t: torch.Tensor, name: str, index: int, words: torch.Tensor, why: str) -> None:
+    """Record the mask of a layer's weight or bias; a tensor another layer claimed first (tied weights)
+    must get the same mask here: one Parameter, one mask."""
+    owner = owners.setdefault(id(t), (name, index, words, why))
+    if owner[0] != name and not torch.equal(owner[2], words):
+        raise ValueError(f"layers {owner[0]!r} and {name!r} share a Parameter, which can have one mask only, but "
+                         f"their masks differ ({owner[0]!r}: {owner[3]}; {name!r}: {why}); untie them or leave "
+                         f"one out with filter_fn")
+
+
+def _check_shared_with_dense(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> None:
+    """Refuse a layer Parameter that a module staying dense holds too: in fit mode that module would
+    compute with the reset entries, and every reinit_ would change its fit-only output."""
+    of = {id(p): n for n, m in layers for p in (m.weight, m.bias) if p is not None}
+    chosen = {id(m) for _, m in layers}
+    for name, mod in model.named_modules():
+        if id(mod) in chosen:
+            continue
+        for pname, p in mod._parameters.items():
+            if p is not None and id(p) in of:
+                raise ValueError(f"layer {of[id(p)]!r} shares a Parameter with {_label(name)} "
+                                 f"({type(mod).__name__}.{pname}), which split leaves dense: in fit mode it would "
+                                 f"read the entries reinit_ resets. Split both (if both are conv/linear), untie "
+                                 f"them, or leave {of[id(p)]!r} out with filter_fn")
+
+
+def _convert(m: nn.Module, words: torch.Tensor, mode: str, split_rate: float, index: int, seed: int,
+             cls: type) -> None:
     m._ke_orig_class = type(m)
-    m.__class__ = MASKED_OF[base]  # this instance only; the class itself is never patched
+    shadowed = {a: m.__dict__.pop(a) for a in _LAYER_ATTRS if a in m.__dict__}
+    if shadowed:  # e.g. the official KE layers' own split_mode / split_rate: revert puts them back
+        m._ke_shadowed = shadowed
+    m.__class__ = cls  # this instance only; the class itself is never patched
     m._setup_mask(words, mode, split_rate, index, seed)
 
 
 def revert(model: nn.Module) -> nn.Module:
-    """Turn every masked layer back into its original class (weights kept, masks dropped)."""
+    """Turn every masked layer back into its original class (weights kept, masks dropped; a subclass's
+    own attributes that the masked layer shadowed are restored)."""
     for _, m in masked_layers(model):
-        for attr in ("split_mode", "split_rate", "layer_index", "mode", "ke_seed"):
+        for attr in _LAYER_ATTRS:
             m.__dict__.pop(attr, None)
         del m._buffers["fit_mask"], m._buffers["bias_mask"]
+        m.__dict__.update(m.__dict__.pop("_ke_shadowed", {}))
         m.__class__ = m.__dict__.pop("_ke_orig_class")
     return model
 
@@ -129,7 +242,9 @@ def adopt(model: nn.Module, attr: str = "mask", *, seed: int = 0) -> nn.Module:
                 m.weight.copy_(dense)
         else:
             delattr(m, attr)
-        _convert(m, words, "custom", max(K.density(words, m.weight.numel()), 1e-12), index, seed)
+        # the torch class's forward replaces the one that applied the foreign mask
+        base = next(b for b in MASKED_OF if isinstance(m, b))
+        _convert(m, words, "custom", max(K.density(words, m.weight.numel()), 1e-12), index, seed, MASKED_OF[base])
     return model
 
 
@@ -142,7 +257,9 @@ def reinit_(model: nn.Module, generation: int, *, init: str = "kaiming_uniform_a
     The values depend only on (seed, purpose, generation, layer index, element index): the same on
     every device, DDP rank and after a resume. ``seed`` defaults to the one given to :func:`split`.
     ``purpose="init"`` with ``generation=0`` gives the initial values (``ignore_mask=True`` draws the
-    fit entries too: a whole-model initialisation that can later be regenerated, e.g. to rewind)."""
+    fit entries too: a whole-model initialisation that can later be regenerated, e.g. to rewind). A
+    Parameter that several layers share (tied weights) is reset once, from its first layer's stream; if
+    those layers' masks no longer agree, ValueError names them and nothing is reset."""
     layers = masked_layers(model)
     if not layers:
         raise ValueError("model has no masked layer: call ke_fast.split(model) first")
@@ -150,6 +267,7 @@ def reinit_(model: nn.Module, generation: int, *, init: str = "kaiming_uniform_a
         seed = layers[0][1].ke_seed
     weights, words, fans, ids = [], [], [], []
     strided: list[tuple[torch.Tensor, torch.Tensor]] = []  # (parameter, contiguous working copy)
+    listed: dict[int, tuple[str, torch.Tensor]] = {}  # id(parameter) -> (first layer holding it, its mask)
 
     def data(p: torch.Tensor) -> torch.Tensor:
         # detach() shares the parameter's version counter: the reset shows as an in-place change.
@@ -159,17 +277,25 @@ def reinit_(model: nn.Module, generation: int, *, init: str = "kaiming_uniform_a
         strided.append((p, p.detach().contiguous()))
         return strided[-1][1]
 
-    for _, m in layers:
-        fan = K.fans_of(m.weight.shape)
-        weights.append(data(m.weight))
-        words.append(torch.zeros_like(m.fit_mask) if ignore_mask else m.fit_mask)
+    def add(name: str, p: torch.Tensor, mask: torch.Tensor, fan: tuple[int, int], layer_id: int) -> None:
+        # a Parameter shared by several layers (tied weights) is reset once, and only if they agree on its
+        # mask: resetting it per layer would overwrite entries another layer keeps as fit
+        first = listed.setdefault(id(p), (name, mask))
+        if first[0] != name:
+            if not torch.equal(first[1], mask):
+                raise ValueError(f"layers {first[0]!r} and {name!r} share a Parameter but hold different fit masks "
+                                 f"for it (changed after split?); reinit_ would reset entries one of them keeps")
+            return
+        weights.append(data(p))
+        words.append(torch.zeros_like(mask) if ignore_mask else mask)
         fans.append(fan)
-        ids.append(2 * m.layer_index)
+        ids.append(layer_id)
+
+    for name, m in layers:
+        fan = K.fans_of(m.weight.shape)
+        add(name, m.weight, m.fit_mask, fan, 2 * m.layer_index)
         if m.bias is not None:
-            weights.append(data(m.bias))
-            words.append(torch.zeros_like(m.bias_mask) if ignore_mask else m.bias_mask)
-            fans.append(fan)
-            ids.append(2 * m.layer_index + 1)  # biases get streams of their own
+            add(name, m.bias, m.bias_mask, fan, 2 * m.layer_index + 1)  # biases get streams of their own
     key = (seed, init, fan_mode, tuple((w.data_ptr(), m.data_ptr(), m._version) for w, m in zip(weights, words)))
     cached = _PLANS.get(model)
     if cached is None or cached[0] != key:  # validated and laid out once, reused every generation
@@ -241,10 +367,11 @@ def fit_only(model: nn.Module) -> Iterator[nn.Module]:
 # ---- graph analysis ---------------------------------------------------------------------------
 
 class _Tracer(fx.Tracer):
-    """fx tracer that keeps masked layers as leaves (they live outside torch.nn, so fx would trace into them)."""
+    """fx tracer that keeps conv/linear layers as leaves, also masked layers and the user's subclasses (they
+    live outside torch.nn, so fx would trace into them and the layer would vanish from the graph)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, MaskedLayer) or super().is_leaf_module(m, qualname)
+        return isinstance(m, MaskedLayer | _ConvNd | nn.Linear) or super().is_leaf_module(m, qualname)
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -254,8 +381,19 @@ def trace(model: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(tracer.root, graph)
 
 
+def _mixes_channels(m: nn.Module) -> bool:
+    """A module with a weight matrix (a parameter of 2+ dims: conv, linear, attention, ...) computes new
+    channels: the network's input and output are not the channels on its other side."""
+    return any(p.dim() >= 2 for p in m.parameters())
+
+
 def _roles(model: nn.Module, layers: list[tuple[str, nn.Module]], example_input: Any) -> dict[str, _Role]:
+    """KELS role of every layer: "first" if it reads the model input and "last" if it produces the model
+    output, each without a channel-mixing module (:func:`_mixes_channels`, split or not) in between;
+    concatenation segments of its input."""
     names = {n for n, _ in layers}
+    if "" in names:  # the model is itself one layer: it reads the input and produces the output
+        return {"": _Role(first=True, last=True)}
     try:
         gm = trace(model)
     except Exception as exc:  # data-dependent control flow etc.
@@ -275,14 +413,19 @@ def _roles(model: nn.Module, layers: list[tuple[str, nn.Module]], example_input:
             gm.train(was_training)
     modules = dict(gm.named_modules())
     layer_nodes = {n for n in gm.graph.nodes if n.op == "call_module" and n.target in names}
+    # modules left dense that mix channels (e.g. a classifier filter_fn left out): nothing reaches past them
+    walls = {n for n in gm.graph.nodes if n.op == "call_module" and n.target not in names
+             and _mixes_channels(modules[n.target])}
     memo: dict[fx.Node, frozenset] = {}
 
     def sources(node: fx.Node) -> frozenset:
-        """Layer nodes (or "input") that reach ``node`` without crossing another layer."""
+        """Layer nodes (or "input") that reach ``node`` without crossing another channel-mixing module."""
         if node in memo:
             return memo[node]
         if node in layer_nodes:
             out = frozenset([node])
+        elif node in walls:
+            out = frozenset()
         elif node.op == "placeholder":
             out = frozenset(["input"])
         else:
@@ -369,8 +512,15 @@ def _channels(node: fx.Node, modules: dict) -> int:
 
 
 def _roles_by_hooks(model: nn.Module, layers: list[tuple[str, nn.Module]], example_input: Any) -> dict[str, _Role]:
+    """Roles from execution order: the first and the last channel-mixing module to run (split or not; the
+    modules fx would keep as leaves, so a model holding a parameter of its own is not one) are "first" and
+    "last" if they are split layers."""
     order: list[str] = []
-    handles = [m.register_forward_hook(lambda mod, i, o, name=n: order.append(name)) for n, m in layers]
+    names = {n for n, _ in layers}
+    tracer = _Tracer()
+    watched = [(n, m) for n, m in model.named_modules()
+               if n in names or (tracer.is_leaf_module(m, n) and _mixes_channels(m))]
+    handles = [m.register_forward_hook(lambda mod, i, o, name=n: order.append(name)) for n, m in watched]
     was_training = model.training
     try:
         model.eval()
@@ -380,9 +530,11 @@ def _roles_by_hooks(model: nn.Module, layers: list[tuple[str, nn.Module]], examp
         model.train(was_training)
         for h in handles:
             h.remove()
-    if not order:
+    if not any(n in names for n in order):
         raise ValueError("example_input ran no conv/linear layer of the model")
     roles = {n: _Role() for n, _ in layers}
-    roles[order[0]].first = True
-    roles[order[-1]].last = True
+    if order[0] in roles:
+        roles[order[0]].first = True
+    if order[-1] in roles:
+        roles[order[-1]].last = True
     return roles

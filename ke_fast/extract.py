@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.fx as fx
@@ -17,7 +17,7 @@ from . import kernels as K
 from . import ops
 from .convert import _PASS_MODULES, _channels, _is_cat, revert, trace
 from .masks import masked_layers
-from .nn import MaskedLayer
+from .nn import MASKED_OF, MaskedLayer
 
 
 # ---- KELS: slim network --------------------------------------------------------------------------
@@ -28,8 +28,10 @@ def extract_slim(model: nn.Module) -> nn.Module:
     Kept output channels of a layer are the filters with any fit weight; kept inputs follow the graph
     (through BatchNorm, activations, pooling, residual adds and channel concatenations), so the slim
     network computes exactly what the fit hypothesis computes. Raises ValueError for WELS-split models
-    (their fit hypothesis is sparse, not slim: use :func:`extract_sparse`) and when masks are not
-    channel-consistent (a layer whose fit weights read a channel its producer drops).
+    (their fit hypothesis is sparse, not slim: use :func:`extract_sparse`), when masks are not
+    channel-consistent (a layer whose fit weights read a channel its producer drops) and for layers of
+    a subclass with a forward of its own (e.g. weight standardisation over a filter's kept inputs would
+    differ), named.
     """
     layers = dict(masked_layers(model))
     if not layers:
@@ -38,6 +40,7 @@ def extract_slim(model: nn.Module) -> nn.Module:
     if wels:
         raise ValueError(f"extract_slim needs KELS masks; layer {wels[0]!r} is WELS-split, whose fit hypothesis is "
                          f"sparse: use ke_fast.extract_sparse")
+    _check_torch_forward(layers.items(), "extract_slim")
     try:
         gm = trace(model)
     except Exception as exc:
@@ -115,6 +118,21 @@ def extract_slim(model: nn.Module) -> nn.Module:
             if name in bns and k is not None:
                 _slim_bn(bns[name], k)
     return slim
+
+
+def _check_torch_forward(layers: Iterable[tuple[str, nn.Module]], what: str) -> None:
+    """Refuse layers of a subclass with a forward of its own (e.g. weight standardisation, padding computed
+    from the input): a slim or sparse layer computes the torch op, which is not what that forward computes."""
+    for name, m in layers:
+        cls = m._ke_wraps
+        if cls is None:
+            continue
+        base = next(b for b in MASKED_OF if issubclass(cls, b))
+        own = [f for f in ("forward", "_conv_forward") if getattr(cls, f, None) is not getattr(base, f, None)]
+        if own:
+            raise ValueError(f"{what}: layer {name!r} is a {cls.__qualname__}, whose own {own[0]} the extracted "
+                             f"layer cannot reproduce (it computes the plain {base.__name__} op); evaluate it with "
+                             f"ke_fast.fit_only instead")
 
 
 def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
@@ -285,10 +303,13 @@ def extract_sparse(model: nn.Module) -> nn.Module:
     (bit mask + packed values + chunk offsets; ~58 % of dense bf16 at split rate 0.5).
 
     Its output equals the fit-only forward of ``model``; it saves and loads with state_dict (sizes
-    are taken from the checkpoint after validation) and runs the Triton sparse kernels on CUDA."""
+    are taken from the checkpoint after validation) and runs the Triton sparse kernels on CUDA. Raises
+    ValueError, naming the layer, for layers it cannot reproduce: Conv1d, grouped convs, padding modes
+    other than zeros, and subclasses with a forward of their own (the sparse layer computes the torch op)."""
     layers = masked_layers(model)
     if not layers:
         raise ValueError("model has no masked layer: call ke_fast.split(model) first")
+    _check_torch_forward(layers, "extract_sparse")
     for name, m in layers:
         if isinstance(m, nn.Conv1d):
             raise ValueError(f"layer {name!r}: extract_sparse supports Conv2d and Linear layers, not Conv1d")

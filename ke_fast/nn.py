@@ -5,9 +5,14 @@ persistent int32 buffer ``fit_mask`` holds the packed fit mask (1 bit per weight
 ``"dense"`` (the plain PyTorch op: KE trains the dense network) or ``"fit"`` (the fit hypothesis
 alone: W*M and the autocast cast fused in one kernel pass, then cuDNN / cuBLAS; the bias is masked by
 the output-filter mask).
+
+Subclasses of the three torch layers (e.g. timm's weight-standardising ``StdConv2d``) get a masked class
+of their own from :func:`masked_class`: dense mode runs their own ``forward``, fit mode runs that same
+``forward`` with W*M presented as ``self.weight`` (and the masked bias as ``self.bias``).
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -29,6 +34,7 @@ class MaskedLayer:
     bias: nn.Parameter | None
     fit_mask: torch.Tensor
     bias_mask: torch.Tensor
+    _ke_wraps: type | None = None  # the user's subclass of a torch layer that a generated class wraps
 
     def __init__(self, *args: Any, split_mode: str = "kels", split_rate: float = 0.5, seed: int = 0,
                  layer_index: int = 0, keep_all_inputs: bool = False, keep_all_outputs: bool = False,
@@ -41,9 +47,29 @@ class MaskedLayer:
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.mode == "dense":
-            return super().forward(input)  # the plain PyTorch op: KE trains the dense network
+            return super().forward(input)  # the layer's own forward: KE trains the dense network
+        if self._ke_wraps is not None:
+            return self._own_forward_on_fit(input)
         w, b = self.fit_params()
         return self._fit_forward(input, w, b)
+
+    def _own_forward_on_fit(self, input: torch.Tensor) -> torch.Tensor:
+        """The wrapped subclass's own forward with W*M in the ``weight`` slot and b*M_out in ``bias``.
+
+        W*M keeps the weight's dtype: the subclass (and autocast) then cast it exactly as they cast W, e.g.
+        a weight standardisation stays in fp32. The masked tensors are the outputs of ``masked_weight``,
+        so the gradient reaches the real Parameters as grad*M; the Parameters are back in their slots when
+        this returns or raises."""
+        w = ops.masked_weight(self.weight, self.fit_mask)
+        b = None if self.bias is None else ops.masked_weight(self.bias, self.bias_mask)
+        params = self._parameters
+        weight, bias = params["weight"], params["bias"]
+        # _parameters directly: nn.Module.__setattr__ would refuse a non-Parameter in a Parameter's place
+        params["weight"], params["bias"] = w, b
+        try:
+            return super().forward(input)
+        finally:
+            params["weight"], params["bias"] = weight, bias
 
     def _fit_forward(self, input: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
@@ -138,3 +164,33 @@ class MaskedLinear(MaskedLayer, nn.Linear):
 
 
 MASKED_OF: dict[type, type] = {nn.Conv1d: MaskedConv1d, nn.Conv2d: MaskedConv2d, nn.Linear: MaskedLinear}
+
+
+@functools.cache
+def masked_class(cls: type) -> type:
+    """The masked layer class for layers of class ``cls``: nn.Conv1d / nn.Conv2d / nn.Linear or a subclass.
+
+    The torch classes map to :class:`MaskedConv1d` / :class:`MaskedConv2d` / :class:`MaskedLinear`. A
+    subclass gets a class generated once per subclass (the same object every call), derived from both the
+    masked torch class and the subclass: isinstance checks of either kind and the subclass's own methods
+    keep working, dense mode runs the subclass's forward and fit mode runs it on W*M. Instances of a
+    generated class pickle and deep-copy (the class is rebuilt from the subclass on load)."""
+    if cls in MASKED_OF:
+        return MASKED_OF[cls]
+    base = next((b for b in MASKED_OF if issubclass(cls, b)), None)
+    if base is None or issubclass(cls, MaskedLayer):
+        raise TypeError(f"cls must be nn.Conv1d, nn.Conv2d, nn.Linear or a subclass of one, got {cls.__qualname__}")
+    return type(f"Masked{cls.__name__}", (MASKED_OF[base], cls),
+                {"__module__": __name__, "__doc__": f"{cls.__qualname__} with a fixed KE fit mask.", "_ke_wraps": cls,
+                 "__reduce_ex__": _reduce_generated})
+
+
+def _reduce_generated(self: nn.Module, protocol: int) -> tuple:
+    # a generated class has no importable name: pickle the subclass it wraps and rebuild the class on load
+    return _new_generated, (self._ke_wraps,), self.__getstate__()
+
+
+def _new_generated(cls: type) -> nn.Module:
+    """An empty instance of ``masked_class(cls)``; pickle and deepcopy then restore its state."""
+    masked = masked_class(cls)
+    return masked.__new__(masked)

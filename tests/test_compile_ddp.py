@@ -75,6 +75,40 @@ def test_compile_fullgraph_fit_mode_backward():
     torch._dynamo.reset()
 
 
+def test_compile_fullgraph_subclass_fit_mode():
+    """A subclass's own forward in fit mode (W*M presented as self.weight) compiles without a graph break and
+    gives eager's output and gradients."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    import ke_fast
+
+    class StdConv(nn.Conv2d):  # weight standardisation in forward, as timm's StdConv2d
+        def forward(self, x):
+            w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True,
+                             momentum=0.0, eps=1e-6).reshape_as(self.weight)
+            return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = ke_fast.split(nn.Sequential(StdConv(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)), "wels", 0.5, seed=3)
+    x = torch.randn(2, 3, 9, 9, generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(model, fullgraph=True)
+    outs, grads = [], []
+    for fn in (model, compiled):
+        model.zero_grad(set_to_none=True)
+        with ke_fast.fit_only(model):
+            out = fn(x)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append([p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+    for comp, eager in zip(grads[1], grads[0]):
+        torch.testing.assert_close(comp, eager, rtol=1e-4, atol=1e-5)
+    assert all(type(p) is nn.Parameter for p in model.parameters())
+    torch._dynamo.reset()
+
+
 # ---------------------------------------------------------------- DDP
 
 

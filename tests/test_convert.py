@@ -2,6 +2,8 @@
 (first layer, classifier, residual adds, concatenations), all-or-nothing error handling."""
 import copy
 import math
+import pickle
+import warnings
 
 import pytest
 import torch
@@ -545,3 +547,273 @@ def test_model_reinit_plan_follows_storage_changes():
     convert._PLANS.pop(fresh, None)
     ke_fast.reinit_(fresh, 3)
     assert all(torch.equal(p, q) for p, q in zip(c.parameters(), fresh.parameters()))
+
+
+# ---------------------------------------------------------------- KELS roles: the model's input and output
+
+
+def test_kels_classifier_left_out_makes_the_last_conv_a_hidden_layer():
+    mlp = build("mlp")
+    ke_fast.split(mlp, "kels", 0.5, filter_fn=lambda n, m: n != "classifier")
+    m = ke_fast.masks(mlp)
+    assert list(m) == ["body.0", "body.2"]
+    assert torch.equal(m["body.0"], kels_expected((17, 20), 0.5, first=True))
+    assert torch.equal(m["body.2"], kels_expected((9, 17), 0.5))  # ceil(s*9) = 5 of 9 outputs
+    torch.manual_seed(0)
+    convs = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 6, 3), nn.BatchNorm2d(6), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(6, 4))
+    ke_fast.split(convs, "kels", 0.5, filter_fn=lambda n, m: not isinstance(m, nn.Linear))
+    assert torch.equal(ke_fast.masks(convs)["2"], kels_expected((6, 8, 3, 3), 0.5))
+    untraceable = Untraceable()
+    ke_fast.split(untraceable, "kels", 0.5, example_input=torch.randn(2, 3, 6, 6), filter_fn=lambda n, m: n != "head")
+    assert torch.equal(ke_fast.masks(untraceable)["body"], kels_expected((6, 8, 3, 3), 0.5))  # by execution order
+
+
+@pytest.mark.parametrize("layer", [nn.Linear(5, 3), nn.Conv2d(2, 3, 3)], ids=["linear", "conv2d"])
+def test_kels_model_that_is_one_layer_keeps_everything(layer):
+    x = torch.randn(4, 5) if isinstance(layer, nn.Linear) else torch.randn(1, 2, 5, 5)
+    with torch.no_grad():
+        dense = layer(x)
+    ke_fast.split(layer, "kels", 0.5)
+    assert ke_fast.masks(layer)[""].all()  # all outputs (it produces the output) and all inputs (it reads the input)
+    with torch.no_grad(), ke_fast.fit_only(layer):
+        assert torch.equal(layer(x), dense)
+
+
+# ---------------------------------------------------------------- tied weights: one Parameter, one mask
+
+
+class _Tied(nn.Module):
+    """Two hidden layers sharing weight and bias (``b.weight = a.weight``), between a stem and a head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem, self.a, self.b, self.head = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.b.weight, self.b.bias = self.a.weight, self.a.bias
+
+    def forward(self, x):
+        return self.head(F.relu(self.b(F.relu(self.a(F.relu(self.stem(x)))))))
+
+
+@pytest.mark.parametrize("mode", ["wels", "kels"])
+def test_tied_weights_share_one_mask_and_reinit_keeps_fit(mode):
+    model = ke_fast.split(_Tied(), mode, 0.5, seed=1)
+    masks = ke_fast.masks(model)
+    assert torch.equal(masks["a"], masks["b"])
+    assert model.a.layer_index == model.b.layer_index  # one Parameter, one stream
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), ke_fast.fit_only(model):
+        fit_before = model(x)
+    before = {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)}
+    ke_fast.reinit_(model, 1)
+    from ke_fast import convert
+
+    listed = [w.data_ptr() for w in convert._PLANS[model][1].weights]
+    assert len(listed) == len(set(listed)) == 6  # stem, a, head: the shared weight and bias once
+    for name, m in ke_fast.masked_layers(model):
+        keep, w0, w1 = masks[name], before[f"{name}.weight"], m.weight.detach()
+        assert torch.equal(w1[keep].view(torch.int32), w0[keep].view(torch.int32)), name  # bit-exact
+        assert (w1[~keep] != w0[~keep]).all(), name
+        bias_keep = keep.any(dim=1)
+        assert torch.equal(m.bias.detach()[bias_keep].view(torch.int32), before[f"{name}.bias"][bias_keep].view(
+            torch.int32)), name
+    with torch.no_grad(), ke_fast.fit_only(model):
+        assert torch.equal(model(x), fit_before)
+
+
+def test_tied_weights_with_different_kels_roles_are_refused():
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2))
+    model[2].weight = model[0].weight  # layer 0 reads the input (keeps all inputs), layer 2 does not
+    sd, classes = state(model), [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match=r"'0'.*'2'.*share a Parameter.*reads the model input.*hidden layer"):
+        ke_fast.split(model, "kels", 0.5)
+    assert_unsplit(model, sd, classes)
+    ke_fast.split(model, "wels", 0.5)  # WELS has no roles: one mask for both
+    assert torch.equal(ke_fast.masks(model)["0"], ke_fast.masks(model)["2"])
+
+
+class _TiedEmbedding(nn.Module):
+    """Language-model style weight tying: the classifier shares the embedding matrix."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(3, 8), nn.Linear(8, 3, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens):
+        return self.head(self.emb(tokens))
+
+
+def test_parameter_shared_with_a_dense_module_is_refused():
+    for model, kwargs, names in ((_TiedEmbedding(), {}, ("'head'", "'emb'", "Embedding")),
+                                 (_Tied(), dict(filter_fn=lambda n, m: n != "b"), ("'a'", "'b'", "Linear"))):
+        sd, classes = state(model), [type(m) for m in model.modules()]
+        for mode in ("wels", "kels"):
+            with pytest.raises(ValueError, match="shares a Parameter") as err:
+                ke_fast.split(model, mode, 0.5, **kwargs)
+            assert all(n in str(err.value) for n in names), str(err.value)
+            assert_unsplit(model, sd, classes)
+
+
+def test_reinit_refuses_tied_layers_whose_masks_diverged():
+    model = ke_fast.split(_Tied(), "wels", 0.5, seed=1)
+    model.b.set_fit_mask(K.pack_mask(torch.ones(8, 8, dtype=torch.bool)))
+    before = state(model)
+    with pytest.raises(ValueError, match=r"'a' and 'b' share a Parameter"):
+        ke_fast.reinit_(model, 1)
+    assert same_state(state(model), before)
+
+
+# ---------------------------------------------------------------- subclasses of the torch layers
+
+
+def _same_pad(size, k, s, d):
+    return max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+
+
+class StdConv2dLike(nn.Conv2d):
+    """timm's StdConv2d: the weight is standardised per filter in forward."""
+
+    def __init__(self, *args, eps=1e-6, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eps = eps
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True, momentum=0.0,
+                         eps=self.eps).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class Conv2dSameLike(nn.Conv2d):
+    """timm's Conv2dSame: TensorFlow "same" padding, computed from the input size in forward."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, padding=0, **kwargs)
+
+    def forward(self, x):
+        ph = _same_pad(x.shape[-2], self.kernel_size[0], self.stride[0], self.dilation[0])
+        pw = _same_pad(x.shape[-1], self.kernel_size[1], self.stride[1], self.dilation[1])
+        x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, (0, 0), self.dilation, self.groups)
+
+
+class SplitConvLike(nn.Conv2d):
+    """The official KE layer's own attributes, which the masked layer uses too."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.split_mode, self.split_rate = "theirs", 0.25
+
+
+def _subclass_net():
+    torch.manual_seed(0)
+    return nn.Sequential(StdConv2dLike(3, 8, 3, padding=1), nn.ReLU(), Conv2dSameLike(8, 6, 3, stride=2), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4))
+
+
+X_SUB = torch.randn(2, 3, 9, 9, generator=torch.Generator().manual_seed(0))
+
+
+def _own_forward_on_masked(plain, split_model, x):
+    """The unsplit model's own forward with W*M and b*M_out as leaf tensors: (output, {name: grad*M})."""
+    params, keeps = {}, {}
+    for name, m in ke_fast.masked_layers(split_model):
+        keeps[f"{name}.weight"] = K.unpack_mask(m.fit_mask, m.weight.shape)
+        if m.bias is not None:
+            keeps[f"{name}.bias"] = K.unpack_mask(m.bias_mask, m.bias.shape)
+    for name, p in split_model.named_parameters():
+        params[name] = torch.where(keeps[name], p.detach(), 0.0).requires_grad_(True)
+    out = torch.func.functional_call(plain, params, (x,))
+    out.square().sum().backward()
+    return out.detach(), {k: torch.where(keeps[k], v.grad, 0.0) for k, v in params.items()}
+
+
+@pytest.mark.parametrize("mode", ["kels", "wels"])
+def test_subclasses_split_dense_mode_and_fit_mode(mode):
+    model = _subclass_net()
+    plain = copy.deepcopy(model)
+    ke_fast.split(model, mode, 0.5, seed=2)
+    assert list(ke_fast.masks(model)) == ["0", "2", "6"]
+    assert isinstance(model[0], StdConv2dLike) and isinstance(model[0], MaskedConv2d)
+    assert isinstance(model[2], Conv2dSameLike) and isinstance(model[2], MaskedConv2d)
+    assert type(model[0]) is ke_fast.nn.masked_class(StdConv2dLike)  # one generated class per subclass
+    if mode == "kels":  # the subclass reading the input is a layer of the graph: it keeps all inputs
+        assert torch.equal(ke_fast.masks(model)["0"], kels_expected((8, 3, 3, 3), 0.5, first=True))
+    # dense mode: the subclass's own forward, as before the split
+    with torch.no_grad():
+        assert torch.equal(model(X_SUB), plain(X_SUB))
+    # fit mode: that same forward on W*M; the gradient reaches the Parameters as grad*M
+    want, grads = _own_forward_on_masked(plain, model, X_SUB)
+    with ke_fast.fit_only(model):
+        out = model(X_SUB)
+        out.square().sum().backward()
+    assert torch.equal(out.detach(), want)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], rtol=1e-5, atol=1e-6)
+    assert all(type(p) is nn.Parameter for p in model.parameters())
+    with pytest.raises(RuntimeError), ke_fast.fit_only(model):
+        model[0](torch.randn(2, 5, 9, 9))  # the forward raises: the Parameters are back in their slots anyway
+    assert type(model[0].weight) is nn.Parameter and type(model[0].bias) is nn.Parameter
+    # revert restores the subclasses and their outputs
+    ke_fast.revert(model)
+    assert [type(m) for m in model.modules()] == [type(m) for m in plain.modules()]
+    with torch.no_grad():
+        assert torch.equal(model(X_SUB), plain(X_SUB))
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_subclass_layers_copy_and_pickle(how):
+    model = ke_fast.split(_subclass_net(), "wels", 0.5, seed=2).eval()
+    clone = copy.deepcopy(model) if how == "deepcopy" else pickle.loads(pickle.dumps(model))
+    assert [type(m) for m in clone.modules()] == [type(m) for m in model.modules()]
+    with torch.no_grad():
+        assert torch.equal(clone(X_SUB), model(X_SUB))
+        with ke_fast.fit_only(model), ke_fast.fit_only(clone):
+            assert torch.equal(clone(X_SUB), model(X_SUB))
+    ke_fast.revert(clone)
+    assert type(clone[0]) is StdConv2dLike and isinstance(model[0], MaskedLayer)
+
+
+def test_subclass_own_attributes_come_back_on_revert():
+    model = nn.Sequential(SplitConvLike(3, 4, 3), nn.Flatten(), nn.Linear(4, 2))
+    ke_fast.split(model, "wels", 0.5)
+    assert model[0].split_mode == "wels" and model[0].split_rate == 0.5
+    ke_fast.revert(model)
+    assert type(model[0]) is SplitConvLike
+    assert model[0].split_mode == "theirs" and model[0].split_rate == 0.25
+
+
+class _Unsupported(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.up = nn.ConvTranspose2d(4, 4, 2)
+        self.vol = nn.Conv3d(1, 2, 1)
+        self.attn = nn.MultiheadAttention(4, 1)
+        self.lazy = nn.LazyLinear(3)
+
+    def forward(self, x):
+        return self.up(self.conv(x))
+
+
+def test_layers_ke_fast_cannot_split_warn_once_or_raise_with_strict():
+    model = _Unsupported()
+    names = ("'up' (ConvTranspose2d", "'vol' (Conv3d", "'attn.out_proj' (NonDynamicallyQuantizableLinear",
+             "'lazy' (LazyLinear: uninitialised")
+    classes = [type(m) for m in model.modules()]
+    sd = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("lazy.")}  # lazy: no values yet
+    with pytest.raises(ValueError, match="strict=True") as err:
+        ke_fast.split(model, "wels", 0.5, strict=True)
+    assert all(n in str(err.value) for n in names), str(err.value)
+    assert [type(m) for m in model.modules()] == classes and not ke_fast.masked_layers(model)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in sd.items())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ke_fast.split(model, "wels", 0.5)
+    assert len(caught) == 1 and all(n in str(caught[0].message) for n in names), [str(w.message) for w in caught]
+    assert list(ke_fast.masks(model)) == ["conv"]
+    ke_fast.revert(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # layers filter_fn leaves out are the user's choice: no warning
+        ke_fast.split(model, "wels", 0.5, filter_fn=lambda n, m: n == "conv", strict=True)

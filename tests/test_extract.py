@@ -15,6 +15,7 @@ from ke_fast.models import MLP, DenseNetTiny, resnet18, resnet50
 from ke_fast.ops import use_sparse
 
 from conftest import DEVICE, PAIRS, TOL, Impl
+from test_convert import Conv2dSameLike, StdConv2dLike
 
 FP32 = TOL[torch.float32]
 
@@ -300,6 +301,43 @@ def test_extract_sparse_depthwise_ok():
     assert no_masked(sparse)
     with torch.no_grad():
         torch.testing.assert_close(sparse(x), fit_forward(model, x), **FP32)
+
+
+# ---- subclasses of the torch layers --------------------------------------------------------------
+
+class _TaggedConv2d(nn.Conv2d):
+    """A subclass that keeps the torch forward and only adds a method."""
+
+    def tag(self):
+        return "tagged"
+
+
+def _with_subclass(cls):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), cls(6, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, 4)).eval()
+
+
+@pytest.mark.parametrize("cls", [StdConv2dLike, Conv2dSameLike])
+def test_extract_refuses_subclass_with_a_forward_of_its_own(cls):
+    """Weight standardisation over a filter's kept inputs only, or a plain conv without the padding computed
+    in forward, would not be the fit hypothesis: both extractions refuse the layer by name."""
+    for mode, extract in (("kels", extract_slim), ("wels", extract_sparse)):
+        model = ke_fast.split(_with_subclass(cls), mode, 0.5)
+        with pytest.raises(ValueError, match=rf"layer '2' is a {cls.__qualname__}, whose own forward"):
+            extract(model)
+
+
+@pytest.mark.parametrize("mode", ["kels", "wels"])
+def test_extract_subclass_with_the_torch_forward_equals_fit_only(mode):
+    model = ke_fast.split(_with_subclass(_TaggedConv2d), mode, 0.5)
+    x = torch.randn(2, 3, 7, 7, generator=torch.Generator().manual_seed(1))
+    out = extract_slim(model) if mode == "kels" else extract_sparse(model)
+    assert no_masked(out)
+    if mode == "kels":
+        assert type(out[2]) is _TaggedConv2d and out[2].tag() == "tagged" and out[2].out_channels == 4
+    with torch.no_grad():
+        torch.testing.assert_close(out(x), fit_forward(model, x), **FP32)
 
 
 # ---- the dispatcher ------------------------------------------------------------------------------

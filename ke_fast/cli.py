@@ -2,57 +2,138 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import shlex
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from .data import DataError, digits, image_folder
-from .evolve import CheckpointError, Config, Evolution, init_process_group
+from .data import DIGITS_MAX_PER_CLASS, DataError, digits, image_folder
+from .evolve import CHECKPOINTS, RUN_FILES, CheckpointError, Config, Evolution, init_process_group
 from .models import build_model
 
+RESNETS = ("resnet18", "resnet50")  # the models --width applies to
 
-def _parser() -> argparse.ArgumentParser:
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" to options with a real default; an on/off flag is off unless given, and an
+    option whose default depends on other options (default None) says so in its own help text."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.nargs == 0:  # nargs 0: an on/off flag
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The top-level parser and its ``run`` subcommand (whose ``error`` prints the ``run`` usage line)."""
     d = Config()
     p = argparse.ArgumentParser(prog="ke-fast", description="Knowledge Evolution with ke_fast")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run KE (default: sklearn digits, 20 images per class, small ResNet-18)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       description="Run KE. OUT must not hold another run: continue it with --resume (which "
+                                   "checks that settings, data and model match) or replace it with --overwrite.",
+                       formatter_class=_HelpFormatter)
     r.add_argument("--dataset", default="digits",
                    help="'digits' (bundled, no download) or a folder with train/ and test/ in ImageFolder layout")
-    r.add_argument("--per-class", type=int, default=20, help="digits: training images per class")
-    r.add_argument("--image-size", type=int, default=64, help="image folders: resize to this size")
-    r.add_argument("--model", default="resnet18", choices=["resnet18", "resnet50", "small_cnn", "densenet_tiny"])
-    r.add_argument("--width", type=int, default=16, help="base width of the ResNet (64 = the standard one)")
-    r.add_argument("--split", choices=["kels", "wels"], default=d.split)
-    r.add_argument("--split-rate", type=float, default=d.split_rate)
-    r.add_argument("--generations", type=int, default=d.generations)
+    r.add_argument("--per-class", type=int, default=None,
+                   help=f"digits only: training images per class, 1 .. {DIGITS_MAX_PER_CLASS} (every class keeps at "
+                        f"least one test image; default: 20)")
+    r.add_argument("--image-size", type=int, default=None,
+                   help="image folders only: resize to this size (default: 64)")
+    r.add_argument("--model", default="resnet18", choices=[*RESNETS, "small_cnn", "densenet_tiny"],
+                   help="the network")
+    r.add_argument("--width", type=int, default=None,
+                   help="resnet18 / resnet50 only: base width (64 = the standard ResNet; default: 16)")
+    r.add_argument("--split", choices=["kels", "wels"], default=d.split,
+                   help="kels: whole kernels (channels) are fit or reset; wels: single weights, drawn at random")
+    r.add_argument("--split-rate", type=float, default=d.split_rate, help="fraction of the weights that is fit, (0, 1]")
+    r.add_argument("--generations", type=int, default=d.generations, help="number of generations")
     r.add_argument("--epochs", type=int, default=d.epochs, help="epochs per generation")
-    r.add_argument("--batch-size", type=int, default=d.batch_size)
-    r.add_argument("--lr", type=float, default=d.lr)
-    r.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    r.add_argument("--seed", type=int, default=d.seed)
-    r.add_argument("--evolve-mode", choices=["rand", "zero", "rewind"], default=d.evolve_mode)
+    r.add_argument("--batch-size", type=int, default=d.batch_size, help="batch size (per process under torchrun)")
+    r.add_argument("--lr", type=float, default=d.lr, help="peak learning rate of SGD (cosine schedule, warm-up)")
+    r.add_argument("--weight-decay", type=float, default=d.weight_decay, help="SGD weight decay, >= 0")
+    r.add_argument("--seed", type=int, default=d.seed,
+                   help="run seed, 0 .. 2^64-1: data split and order, weights, masks and resets")
+    r.add_argument("--evolve-mode", choices=["rand", "zero", "rewind"], default=d.evolve_mode,
+                   help="reset weights between generations: rand = re-drawn, zero = zeroed, rewind = back to "
+                        "their generation-0 values")
     r.add_argument("--reset-bn", action="store_true", help="also reset BatchNorm of reset channels")
-    r.add_argument("--resample-mask", action="store_true", help="WELS: a new mask every generation")
+    r.add_argument("--resample-mask", action="store_true", help="--split wels only: a new mask every generation")
     r.add_argument("--no-amp", action="store_true", help="no bf16 autocast on GPU")
-    r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
     r.add_argument("--out", default="runs/ke", help="output folder (checkpoints, history.csv, summary.json, plot.png)")
-    r.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    r.add_argument("--no-progress", action="store_true")
-    return p
+    again = r.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the run in OUT from last.pt (prev.pt if last.pt is missing); refused if its "
+                            "settings, data or model differ; starts afresh if OUT holds no run")
+    again.add_argument("--overwrite", action="store_true",
+                       help="start afresh although OUT holds a run: its last.pt, prev.pt, history.csv, summary.json "
+                            "and plot.png are deleted once every check has passed, just before training")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars (default: bars on a terminal)")
+    return p, r
 
 
-def _positive(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def _check(r: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, through ``r.error`` (exit 2), every value and combination that cannot work or would do
+    nothing, and an OUT that is no writable folder or holds a run we were not told to resume or replace;
+    then fill in the defaults that depend on other options. Touches nothing."""
+    digits_data = args.dataset == "digits"
+    for flag, value, applies, scope, given in (
+            ("--per-class", args.per_class, digits_data, "--dataset digits", f"--dataset {args.dataset}"),
+            ("--image-size", args.image_size, not digits_data, "image folders", "--dataset digits"),
+            ("--width", args.width, args.model in RESNETS, "--model resnet18 / resnet50", f"--model {args.model}")):
+        if value is not None and not applies:
+            r.error(f"{flag} applies to {scope} only, not to {given}")
+    if args.resample_mask and args.split != "wels":
+        r.error("--resample-mask applies to --split wels only (KELS masks follow the channels and never change)")
+    # the defaults of the options that apply; the others stay None
+    if digits_data and args.per_class is None:
+        args.per_class = 20
+    if not digits_data and args.image_size is None:
+        args.image_size = 64
+    if args.model in RESNETS and args.width is None:
+        args.width = 16
     for name in ("generations", "epochs", "batch_size", "per_class", "image_size", "width"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            r.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if digits_data and args.per_class > DIGITS_MAX_PER_CLASS:
+        r.error(f"--per-class must be at most {DIGITS_MAX_PER_CLASS} for digits (the smallest class has "
+                f"{DIGITS_MAX_PER_CLASS + 1} images and keeps at least one for testing), got {args.per_class}")
     if not 0 < args.split_rate <= 1:
-        p.error(f"--split-rate must be in (0, 1], got {args.split_rate}")
-    if not args.lr > 0:
-        p.error(f"--lr must be > 0, got {args.lr}")
+        r.error(f"--split-rate must be in (0, 1], got {args.split_rate}")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        r.error(f"--lr must be a finite number > 0, got {args.lr}")
+    if not (args.weight_decay >= 0 and math.isfinite(args.weight_decay)):
+        r.error(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
+    if not 0 <= args.seed < 2 ** 64:
+        r.error(f"--seed must be in 0 .. 2^64-1, got {args.seed}")
+    _check_out(r, args)
+
+
+def _check_out(r: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--out must be (or be creatable as) a writable folder and hold no run unless --resume / --overwrite."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        r.error(f"--out {args.out!r} is a file, expected a folder")
+    parent = next(q for q in (out, *out.parents) if q.exists())  # the folder that is (or will hold) OUT
+    if not parent.is_dir():
+        r.error(f"--out {args.out!r}: {str(parent)!r} is a file, expected a folder")
+    try:  # a nameless file that is gone when closed: permissions, read-only mounts, /proc ... all answer
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as exc:
+        r.error(f"--out {args.out!r}: cannot write into {str(parent)!r} ({exc.strerror or exc})")
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and not (args.resume or args.overwrite):
+        r.error(f"--out {args.out!r} holds a run ({', '.join(found)}): continue it with --resume, or start "
+                f"afresh and replace it with --overwrite")
+    if args.resume and found and not any(name in found for name in CHECKPOINTS):
+        r.error(f"--resume: --out {args.out!r} holds {', '.join(found)} but no checkpoint ({' / '.join(CHECKPOINTS)}) "
+                f"to resume from; start afresh with --overwrite")
 
 
 def resolve_device(device: str | None, cuda_available: bool, device_count: int, local_rank: int = 0,
@@ -61,7 +142,8 @@ def resolve_device(device: str | None, cuda_available: bool, device_count: int, 
 
     ``cpu`` never touches CUDA: ``("cpu", "gloo")``. ``cuda`` (the default where CUDA is available) gives
     local rank i the GPU ``cuda:i`` and ``nccl``, so it needs a GPU per local rank; ``cuda:N`` pins a
-    single process to GPU N. Other device types pass through with ``gloo``. ``local_rank`` and
+    single process to GPU N. Other device types (mps, xpu ...) pass through with ``gloo`` where this torch
+    has them available. ``local_rank`` and
     ``local_world_size`` are torchrun's LOCAL_RANK and LOCAL_WORLD_SIZE (0 and 1 without torchrun).
 
     Raises ValueError, with a message naming --device, when the request cannot be met."""
@@ -72,6 +154,10 @@ def resolve_device(device: str | None, cuda_available: bool, device_count: int, 
         dev = torch.device(device)
     except RuntimeError:
         raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        backend = getattr(torch, dev.type, None)  # torch.mps, torch.xpu ...; torch.device also knows "meta"
+        if not (callable(getattr(backend, "is_available", None)) and backend.is_available()):
+            raise ValueError(f"--device {device}: no {dev.type} device is available; expected cpu, cuda or cuda:N")
     if dev.type != "cuda":
         return str(dev), "gloo"
     if not cuda_available:
@@ -93,10 +179,11 @@ def resolve_device(device: str | None, cuda_available: bool, device_count: int, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit code (argument errors exit with 2 through argparse)."""
-    p = _parser()
+    """Run the command line; returns the exit code: 0, 2 for an error (argument errors exit with 2 through
+    argparse, before any work), 130 when interrupted (Ctrl-C)."""
+    p, r = _parser()
     args = p.parse_args(argv)
-    _positive(p, args)
+    _check(r, args)
     # a non-CUDA --device does not even ask the CUDA driver
     cuda = (args.device is None or args.device.startswith("cuda")) and torch.cuda.is_available()
     local_rank, local_world_size = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -104,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         device, backend = resolve_device(args.device, cuda, torch.cuda.device_count() if cuda else 0, local_rank,
                                          local_world_size)
     except ValueError as exc:
-        p.error(str(exc))
+        r.error(str(exc))
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:  # under torchrun: one process per rank
         init_process_group(backend)
@@ -117,41 +204,88 @@ def main(argv: list[str] | None = None) -> int:
             dist.destroy_process_group()
 
 
+def _error(message: str) -> int:
+    """Print one error line (not a usage error: no usage line) and return exit code 2."""
+    print(f"ke-fast run: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    """The command line that continues this run: every option that differs from its default, --out, --resume."""
+    r = _parser()[1]
+    words = ["python", "-m", "ke_fast", "run"]
+    for dest, value in vars(args).items():  # every option's dest is its flag with "_" for "-"
+        if dest in ("command", "out", "resume", "overwrite") or value is None or value is False \
+                or value == r.get_default(dest):  # "is": a value 0 equals False
+            continue
+        words += [f"--{dest.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    return shlex.join([*words, "--out", args.out, "--resume"])
+
+
 def _run(args: argparse.Namespace, device: str) -> int:
     """Load the data, build the model and run KE on ``device``; returns the exit code."""
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    ev = None
     try:
-        if args.dataset == "digits":
-            train, test, classes, channels = digits(args.per_class, seed=args.seed)
-            small = True
+        try:
+            if args.dataset == "digits":
+                train, test, classes, channels = digits(args.per_class, seed=args.seed)
+                small = True
+            else:
+                train, test, classes, channels = image_folder(args.dataset, args.image_size)
+                small = args.image_size < 64
+        except DataError as exc:
+            return _error(str(exc))
+        cfg = Config(split=args.split, split_rate=args.split_rate, generations=args.generations, epochs=args.epochs,
+                     batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
+                     evolve_mode=args.evolve_mode, reset_bn=args.reset_bn, resample_mask=args.resample_mask,
+                     amp=False if args.no_amp else None)
+        torch.manual_seed(args.seed)
+        stem = "small" if small else "imagenet"
+        if args.model in RESNETS:
+            model = build_model(args.model, num_classes=classes, in_channels=channels, stem=stem, width=args.width)
         else:
-            train, test, classes, channels = image_folder(args.dataset, args.image_size)
-            small = args.image_size < 64
-    except DataError as exc:
-        print(f"ke-fast: error: {exc}", file=sys.stderr)
-        return 2
-    cfg = Config(split=args.split, split_rate=args.split_rate, generations=args.generations, epochs=args.epochs,
-                 batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
-                 evolve_mode=args.evolve_mode, reset_bn=args.reset_bn, resample_mask=args.resample_mask,
-                 amp=False if args.no_amp else None)
-    torch.manual_seed(args.seed)
-    stem = "small" if small else "imagenet"
-    if args.model in ("resnet18", "resnet50"):
-        model = build_model(args.model, num_classes=classes, in_channels=channels, stem=stem, width=args.width)
-    else:
-        model = build_model(args.model, num_classes=classes, in_channels=channels)
-    ev = Evolution(model, train, test, cfg, args.out, device=device,
-                   progress=False if args.no_progress else None)
-    if ev.rank == 0:
-        print(f"KE {cfg.split.upper()} {cfg.split_rate} | {args.model} | {args.dataset}: {len(train)} train / "
-              f"{len(test)} test images | {cfg.generations} generations x {cfg.epochs} epochs | {ev.device}")
-    try:
-        history = ev.run(resume=args.resume)
-    except CheckpointError as exc:
-        print(f"ke-fast: error: {exc}", file=sys.stderr)
-        return 2
-    if ev.rank == 0:
+            model = build_model(args.model, num_classes=classes, in_channels=channels)
+        # the flags that choose data and model: a resume with other ones is refused (with the data's and the
+        # architecture's fingerprints, which Evolution adds)
+        identity = {"--dataset": args.dataset, "--model": args.model, "--per-class": args.per_class,
+                    "--image-size": args.image_size, "--width": args.width}
+        ev = Evolution(model, train, test, cfg, args.out, device=device,
+                       progress=False if args.no_progress else None, identity=identity)
+        if rank == 0:
+            print(f"KE {cfg.split.upper()} {cfg.split_rate} | {args.model} | {args.dataset}: {len(train)} train / "
+                  f"{len(test)} test images | {cfg.generations} generations x {cfg.epochs} epochs | {ev.device}")
+            if args.overwrite:
+                removed = [name for name in RUN_FILES if (Path(args.out) / name).exists()]
+                for name in removed:
+                    (Path(args.out) / name).unlink()
+                if removed:
+                    print(f"--overwrite: deleted {', '.join(removed)} of the previous run in {args.out}")
+        try:
+            history = ev.run(resume=args.resume)
+        except (CheckpointError, DataError) as exc:
+            return _error(str(exc))
+    except KeyboardInterrupt:
+        if rank == 0:
+            _interrupted(args, ev)
+        return 130
+    if rank == 0:
         print("\ngeneration | dense N_g | fit H^F_g")
-        for r in history:
-            print(f"{r['generation']:10d} | {100 * r['dense_acc']:8.1f}% | {100 * r['fit_acc']:8.1f}%")
-        print(f"\nwrote {Path(args.out) / 'history.csv'}, summary.json, plot.png and checkpoints last.pt / prev.pt")
+        for row in history:
+            print(f"{row['generation']:10d} | {100 * row['dense_acc']:8.1f}% | {100 * row['fit_acc']:8.1f}%")
+        if ev.start[0] > cfg.generations:
+            print(f"\nthe run in {args.out} is finished: nothing trained, no file changed")
+        else:
+            print(f"\nwrote {Path(args.out) / 'history.csv'}, summary.json, plot.png and checkpoints last.pt / prev.pt")
     return 0
+
+
+def _interrupted(args: argparse.Namespace, ev: Evolution | None) -> None:
+    """After Ctrl-C: one line saying where the last checkpoint is and the command that continues from it."""
+    ckpt = next((Path(args.out) / name for name in CHECKPOINTS if (Path(args.out) / name).exists()), None)
+    if ckpt is None:
+        print("ke-fast run: interrupted before the first checkpoint; nothing to resume", file=sys.stderr)
+        return
+    when = f" (generation {ev.saved[0]}, epoch {ev.saved[1]})" if ev is not None and ev.saved else ""
+    print(f"ke-fast run: interrupted; the last checkpoint is {ckpt}{when}; continue with: {_resume_command(args)}",
+          file=sys.stderr)

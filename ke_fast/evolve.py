@@ -7,6 +7,7 @@ therefore continues bit for bit, and every DDP rank draws the same masks and res
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -19,13 +20,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from . import kernels as K
 from .convert import fit_only, reinit_, reset_bn_, split
 from .masks import layer_mask, masked_layers
 
 EVOLVE_MODES = ("rand", "zero", "rewind")
+CHECKPOINTS = ("last.pt", "prev.pt")
+RUN_FILES = (*CHECKPOINTS, "history.csv", "summary.json", "plot.png")  # what a run writes into its folder
 
 
 @dataclass
@@ -104,6 +107,34 @@ def load_checkpoint(path: Path) -> dict:
     return ckpt
 
 
+def _tensor_bytes(x: Any) -> bytes:
+    """dtype, shape and raw bytes of a tensor (or of what torch.as_tensor makes of a label), on any device."""
+    t = torch.as_tensor(x).detach().cpu().contiguous()
+    return f"{t.dtype}{tuple(t.shape)}".encode() + t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def data_fingerprint(data: Dataset, samples: int = 8) -> str:
+    """A cheap, deterministic identity of a data set: a hash of its size, its labels where they are at
+    hand without decoding (a TensorDataset's last tensor, or the data set's own ``fingerprint()``, e.g.
+    :class:`ke_fast.data.ImageFolder`'s file list) and ``samples`` evenly spaced items."""
+    n = len(data)
+    h = hashlib.sha256(str(n).encode())
+    if callable(getattr(data, "fingerprint", None)):
+        h.update(data.fingerprint().encode())
+    elif isinstance(data, TensorDataset):
+        h.update(_tensor_bytes(data.tensors[-1]))
+    for i in sorted({k * (n - 1) // max(1, samples - 1) for k in range(samples)}) if n else ():
+        for x in data[i]:
+            h.update(_tensor_bytes(x))
+    return h.hexdigest()[:16]
+
+
+def architecture_fingerprint(model: nn.Module) -> str:
+    """A hash of the names, shapes and dtypes of a model's state_dict: what load_state_dict must match."""
+    entries = (f"{k}:{tuple(v.shape)}:{v.dtype}" for k, v in model.state_dict().items())
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:16]
+
+
 def init_process_group(backend: str, **kwargs: Any) -> None:
     """``torch.distributed.init_process_group`` such that ``destroy_process_group`` really ends the group.
 
@@ -146,12 +177,23 @@ class Evolution:
             (rank 0 only).
         device: default CUDA when available.
         progress: show tqdm bars (default: only when stdout is a terminal).
+        identity: the caller's own description of the data and model (the CLI passes its flags, e.g.
+            ``{"--per-class": 20, "--model": "resnet18"}``). Stored in every checkpoint with the sizes and
+            fingerprints of both data sets and of the architecture; resuming refuses a checkpoint that
+            differs in any of them.
+
+    Attributes set by :meth:`run`: ``start``, the (generation, epoch) it started from (a generation past
+    ``config.generations`` when it found a finished run), and ``saved``, the (generation, epoch) of the last
+    checkpoint it wrote (None before the first).
     """
 
     def __init__(self, model: nn.Module, train_set: Dataset, test_set: Dataset, config: Config,
                  out_dir: str | Path, device: str | torch.device | None = None, progress: bool | None = None,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, identity: dict[str, Any] | None = None) -> None:
         self.cfg = config.validate()
+        for name, data in (("train_set", train_set), ("test_set", test_set)):
+            if len(data) == 0:  # an empty test set would report 0.0 accuracy as if measured
+                raise ValueError(f"{name} is empty")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.out = Path(out_dir)
         self.rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
@@ -171,7 +213,12 @@ class Evolution:
         # channels_last applies to the activations only: weights stay contiguous, the layout the masks
         # and the fused reset address (cuDNN converts a weight to the input's layout on the fly)
         self.train_set, self.test_set = train_set, test_set
+        self.identity = dict(identity or {}, train_images=len(train_set), test_images=len(test_set),
+                             train_data=data_fingerprint(train_set), test_data=data_fingerprint(test_set),
+                             architecture=architecture_fingerprint(self.model))
         self.history: list[dict] = []
+        self.start: tuple[int, int] = (1, 0)
+        self.saved: tuple[int, int] | None = None
         self._last_loss = float("nan")
 
     # -- the loop ---------------------------------------------------------------------------
@@ -184,14 +231,13 @@ class Evolution:
                 path = self.out / "prev.pt"  # a crash between the two renames of save_atomic
             if path.exists():
                 ckpt = load_checkpoint(path)
-                saved = ckpt.get("config") or {}
-                changed = sorted(k for k, v in asdict(self.cfg).items() if k in saved and saved[k] != v
-                                 and k not in ("amp", "channels_last", "generations"))  # more generations: fine
-                if changed:
-                    raise CheckpointError(f"checkpoint {str(path)!r} was written with a different config "
-                                          f"({', '.join(f'{k}={saved[k]!r}' for k in changed)}); resume with the "
-                                          f"same settings or use another --out")
-                self.model.load_state_dict(ckpt["model"])
+                self._check_resumable(ckpt, path)
+                try:
+                    self.model.load_state_dict(ckpt["model"])
+                except RuntimeError as exc:  # a checkpoint written before identities were stored
+                    detail = " ".join(str(exc).split())  # one line: the error is printed as one
+                    raise CheckpointError(f"checkpoint {str(path)!r} does not fit this model: "
+                                          f"{detail[:300]}{'...' if len(detail) > 300 else ''}") from None
                 self.history = ckpt["history"]
                 start_gen, start_epoch = ckpt["generation"], ckpt["epoch"]
                 opt_state, sched_state = ckpt.get("optimizer"), ckpt.get("scheduler")
@@ -199,7 +245,15 @@ class Evolution:
                 # trained and evaluated: start the next generation; trained only: just evaluate it
                 if start_epoch >= self.cfg.epochs and len(self.history) >= start_gen:
                     start_gen, start_epoch, opt_state, sched_state = start_gen + 1, 0, None, None
+                if start_gen > self.cfg.generations:
+                    self.start = (start_gen, 0)
+                    self.log(f"{path}: the run is finished ({len(self.history)} generations); nothing to train "
+                             f"(a larger generations count continues it)")
+                    return self.history
                 self.log(f"resumed from {path}: generation {start_gen}, epoch {start_epoch}")
+            else:
+                self.log(f"no checkpoint ({' / '.join(CHECKPOINTS)}) in {self.out} to resume from: starting afresh")
+        self.start = (start_gen, start_epoch)
         for g in range(start_gen, self.cfg.generations + 1):
             if start_epoch == 0 and g > 1:
                 self._evolve(g)
@@ -208,6 +262,27 @@ class Evolution:
         if self.rank == 0 and self.history:
             self._plot()  # once per run: matplotlib costs more than a small generation
         return self.history
+
+    def _check_resumable(self, ckpt: dict, path: Path) -> None:
+        """Raise CheckpointError, naming every difference, unless ``ckpt`` was written by this run: the same
+        config (more generations aside), the same caller identity, data sets and architecture. Fields a
+        checkpoint lacks (older files) are not compared."""
+        saved = ckpt.get("config") or {}
+        changed = [f"{k}={saved[k]!r} (now {v!r})" for k, v in asdict(self.cfg).items() if k in saved
+                   and saved[k] != v and k not in ("amp", "channels_last", "generations")]  # more generations: fine
+        ident = ckpt.get("identity") or {}
+        computed = ("train_images", "test_images", "train_data", "test_data", "architecture")
+        changed += [f"{k} {ident[k]} (now {v})" for k, v in self.identity.items()
+                    if k not in computed and k in ident and ident[k] != v]
+        if not changed:  # nothing the caller named differs: say which contents do
+            what = dict(train_images="the number of training images", test_images="the number of test images",
+                        train_data="the training data", test_data="the test data",
+                        architecture="the architecture (state_dict names or shapes)")
+            changed = [f"{what[k]} ({ident[k]} in the checkpoint, now {self.identity[k]})" for k in computed
+                       if k in ident and ident[k] != self.identity[k]]
+        if changed:
+            raise CheckpointError(f"checkpoint {str(path)!r} was written by a different run: {', '.join(changed)}; "
+                                  f"resume with the same settings or use another --out")
 
     def _evolve(self, g: int) -> None:
         """Between generations: keep H^F, reset H^R (one fused launch), optionally BN and masks."""
@@ -303,10 +378,12 @@ class Evolution:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         ckpt = dict(model=self.model.state_dict(), generation=g, epoch=epoch, history=self.history,
-                    config=asdict(self.cfg), optimizer=None if opt is None else opt.state_dict(),
+                    config=asdict(self.cfg), identity=self.identity,
+                    optimizer=None if opt is None else opt.state_dict(),
                     scheduler=None if sched is None else sched.state_dict(), train_loss=self._last_loss,
                     rng=dict(torch=torch.get_rng_state()))
         save_atomic(ckpt, self.out / "last.pt", keep_previous=self.out / "prev.pt")
+        self.saved = (g, epoch)
 
     def _write_metrics(self) -> None:
         if self.rank != 0:

@@ -1,5 +1,6 @@
 """The KE generation loop (ke_fast.evolve) and the CLI: a shortened demo, kill-and-resume, corrupt
-checkpoints, CLI errors, the evolve modes and 2-process DDP on CPU (gloo).
+checkpoints, CLI errors, the evolve modes, 2-process DDP on CPU (gloo), and the CLI's protections (no run
+overwritten, resume checks, errors before work, Ctrl-C, --help).
 
 Everything runs on the CPU with tiny configurations (digits, ResNet-18 of width 4)."""
 from __future__ import annotations
@@ -7,6 +8,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -19,7 +22,7 @@ import torch
 
 import ke_fast.kernels as K
 from ke_fast import cli
-from ke_fast.data import digits
+from ke_fast.data import DIGITS_MAX_PER_CLASS, DataError, digits
 from ke_fast.evolve import CheckpointError, Config, Evolution, load_checkpoint, save_atomic
 from ke_fast.masks import masked_layers
 from ke_fast.models import resnet18
@@ -286,14 +289,27 @@ def test_save_atomic_leaves_no_tmp(tmp_path):
 
 # ---- 4. CLI errors ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("bad, word", [(["--split", "foo"], "--split"), (["--generations", "0"], "--generations"),
-                                       (["--split-rate", "1.5"], "--split-rate"), (["--split-rate", "0"], "--split-rate"),
-                                       (["--epochs", "-1"], "--epochs")])
+@pytest.mark.parametrize("bad, word", [
+    (["--split", "foo"], "--split"), (["--generations", "0"], "--generations"), (["--epochs", "-1"], "--epochs"),
+    (["--split-rate", "1.5"], "--split-rate"), (["--split-rate", "0"], "--split-rate"),
+    (["--seed", "-1"], "--seed"), (["--weight-decay", "-0.1"], "--weight-decay"), (["--lr", "nan"], "--lr"),
+    (["--device", "tpu"], "--device"), (["--device", "meta"], "--device"),
+    (["--per-class", "174"], "--per-class"),  # digit 8 has 174 images: none would be left for testing
+    (["--width", "8"], "--width"), (["--model", "densenet_tiny", "--width", "8"], "--width"),  # no width to set
+    (["--resample-mask"], "--resample-mask"),  # KELS masks never change
+    (["--image-size", "32"], "--image-size"),  # digits are 8x8, never resized
+    (["--resume", "--overwrite"], "--overwrite"),
+])
 def test_cli_argument_errors(tmp_path, capsys, bad, word):
+    """Every argument error exits 2 before any work with the run subcommand's usage line and one error line."""
     with pytest.raises(SystemExit) as exc:
-        cli.main(["run", "--out", str(tmp_path / "o"), "--device", "cpu", *bad])
+        cli.main(["run", "--out", str(tmp_path / "o"), "--device", "cpu", "--model", "small_cnn", "--generations", "1",
+                  "--epochs", "1", "--no-progress", *bad])
     assert exc.value.code == 2
-    assert word in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("usage: ke-fast run "), err
+    assert err.splitlines()[-1].startswith("ke-fast run: error: ") and word in err.splitlines()[-1], err
+    assert err.count("error:") == 1, err
     assert not (tmp_path / "o").exists()
 
 
@@ -547,3 +563,186 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
                    progress=False, log=lambda _: None)
     with pytest.raises(CheckpointError, match="lr=0.05"):
         ev.run(resume=True)
+
+
+# ---- 7. CLI: nothing lost, nothing silently wrong ---------------------------------------------
+
+TINY_ARGS = ["--model", "small_cnn", "--per-class", "2", "--generations", "1", "--epochs", "1", "--no-progress",
+             "--device", "cpu"]
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+def _one_error_line(res: subprocess.CompletedProcess, *words: str) -> None:
+    """Exit 2, no traceback, and the last stderr line is the error, naming ``words``."""
+    assert res.returncode == 2, (res.returncode, res.stderr[-3000:])
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("ke-fast run: error: ") and all(w in last for w in words), res.stderr[-3000:]
+
+
+def test_cli_never_overwrites_a_run(tmp_path, capsys):
+    """A second run into a folder holding a run is refused (its files stay byte-identical) unless --overwrite."""
+    out = tmp_path / "run"
+    assert cli.main(["run", *TINY_ARGS, "--out", str(out)]) == 0
+    before = _files(out)
+    assert set(before) == {"last.pt", "prev.pt", "history.csv", "summary.json", "plot.png"}
+
+    _one_error_line(_cli([*TINY_ARGS, "--out", str(out)], tmp_path), str(out), "--resume", "--overwrite")
+    assert _files(out) == before
+    # history.csv without a checkpoint: --resume would start afresh and replace it, so it is refused too
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "history.csv").write_text("generation\n1\n")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["run", *TINY_ARGS, "--out", str(lone), "--resume"])
+    assert exc.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    assert _files(lone) == {"history.csv": b"generation\n1\n"}
+
+    capsys.readouterr()
+    assert cli.main(["run", *TINY_ARGS, "--seed", "1", "--out", str(out), "--overwrite"]) == 0
+    assert "--overwrite: deleted" in capsys.readouterr().out
+    assert load_checkpoint(out / "last.pt")["config"]["seed"] == 1  # a new run
+    assert load_checkpoint(out / "prev.pt")["config"]["seed"] == 1  # nothing of the old one is left
+    assert json.loads((out / "summary.json").read_text())["config"]["seed"] == 1
+
+
+def test_cli_resume_checks_data_and_model(tmp_path):
+    """--resume with other training data (--per-class) or another --model is refused, naming the flag."""
+    out = tmp_path / "run"
+    assert cli.main(["run", *TINY_ARGS, "--generations", "2", "--out", str(out)]) == 0
+    (out / "last.pt").unlink()  # a crash between the two renames: resume continues from prev.pt
+    before = _files(out)
+    res = _cli([*TINY_ARGS, "--generations", "2", "--per-class", "3", "--out", str(out), "--resume"], tmp_path)
+    _one_error_line(res, "--per-class 2 (now 3)", str(out / "prev.pt"))
+    assert _files(out) == before
+    res = _cli([*TINY_ARGS, "--generations", "2", "--model", "densenet_tiny", "--out", str(out), "--resume"], tmp_path)
+    _one_error_line(res, "--model small_cnn (now densenet_tiny)")
+    assert _files(out) == before
+
+
+def test_resume_checks_data_contents_and_architecture(tmp_path):
+    """Without flags to compare (the library), the data sets' and the architecture's fingerprints decide."""
+    train, test, _, _ = digits(per_class=2, seed=0)
+    test = torch.utils.data.Subset(test, range(50))
+    cfg = Config(generations=1, epochs=1)
+
+    def make(model, train_set):
+        return Evolution(model, train_set, test, cfg, tmp_path, device="cpu", progress=False, log=lambda _: None)
+
+    make(_tiny_model(), train).run()
+    x, y = train.tensors
+    relabelled = torch.utils.data.TensorDataset(x, y.roll(1))  # same images and size, other labels
+    with pytest.raises(CheckpointError, match="training data"):
+        make(_tiny_model(), relabelled).run(resume=True)
+    with pytest.raises(CheckpointError, match="architecture"):
+        make(_tiny_model(width=8), train).run(resume=True)
+    with pytest.raises(ValueError, match="test_set is empty"):
+        Evolution(_tiny_model(), train, torch.utils.data.Subset(test, []), cfg, tmp_path, device="cpu")
+
+
+def test_digits_keep_a_test_image_per_class():
+    from sklearn.datasets import load_digits
+
+    assert DIGITS_MAX_PER_CLASS == int(torch.bincount(torch.tensor(load_digits().target)).min()) - 1
+    _, test, _, _ = digits(per_class=DIGITS_MAX_PER_CLASS)
+    assert set(test.tensors[1].tolist()) == set(range(10))
+    with pytest.raises(DataError, match="per_class"):
+        digits(per_class=DIGITS_MAX_PER_CLASS + 1)
+
+
+def test_cli_out_must_be_a_writable_folder(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    for out, words in ((a_file, ("is a file",)), (a_file / "sub", ("is a file", str(a_file))),
+                       (Path("/proc/ke_fast_out"), ("cannot write",))):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["run", *TINY_ARGS, "--out", str(out)])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.startswith("usage: ke-fast run "), err
+        assert "--out" in err and all(w in err for w in words), err
+    assert a_file.read_text() == "keep me"
+
+
+def test_cli_corrupt_image_is_named_before_training(tmp_path, capsys):
+    from PIL import Image
+
+    root = tmp_path / "data"
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            Image.new("RGB", (8, 8), (40, 80, 120)).save(root / split / c / "ok.png")
+    good = (root / "train" / "a" / "ok.png").read_bytes()
+    for name, data in (("garbage.png", b"not an image at all" * 8), ("truncated.png", good[: len(good) // 2])):
+        bad = root / "train" / "b" / name
+        bad.write_bytes(data)
+        rc = cli.main(["run", "--dataset", str(root), "--model", "small_cnn", "--device", "cpu", "--no-progress",
+                       "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert rc == 2 and str(bad) in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "o").exists()
+        bad.unlink()
+
+
+def test_cli_resume_says_fresh_or_finished(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["run", *TINY_ARGS, "--out", str(out), "--resume"]) == 0
+    assert "starting afresh" in capsys.readouterr().out
+    before = _files(out)
+    assert cli.main(["run", *TINY_ARGS, "--out", str(out), "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "finished" in printed and "generation 2" not in printed and "resumed from" not in printed, printed
+    assert _files(out) == before  # nothing trained, nothing rewritten
+
+
+def test_cli_help_shows_every_default_once(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["run", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    options = text[text.index("options:"):].split("\n  -")[1:]  # one block per option: "-lr LR  help ..."
+    assert len(options) >= 20
+    for block in options:
+        words = block.split()
+        takes_value = len(words) > 1 and (words[1].isupper() or words[1].startswith("{"))  # a metavar or choices
+        helptext = " ".join(words[2:] if takes_value else words[1:])
+        assert re.sub(r"\(default: [^)]*\)", "", helptext).strip(), f"-{words[0]} has no help text"
+        assert helptext.count("default") == 1 if takes_value else helptext.count("default") <= 1, helptext
+
+
+def test_cli_ctrl_c_says_how_to_resume(tmp_path):
+    """SIGINT after the first checkpoint: exit 130 and one line with the checkpoint and the command to resume."""
+    out = tmp_path / "run"
+    # a run far longer than the test waits for; the child gets Python's own SIGINT handler even where the
+    # test runner's process ignores SIGINT (an ignored signal stays ignored across exec)
+    child = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+             "sys.argv = ['ke_fast', 'run', *sys.argv[1:]]; runpy.run_module('ke_fast', run_name='__main__')")
+    args = [*TINY_ARGS, "--generations", "10000", "--weight-decay", "0", "--out", str(out)]
+    with open(tmp_path / "stderr.txt", "w+") as se:
+        proc = subprocess.Popen([sys.executable, "-c", child, *args], cwd=tmp_path, env=_env(),
+                                stdout=subprocess.DEVNULL, stderr=se)
+        try:
+            deadline = time.monotonic() + 180
+            while not (out / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert (out / "last.pt").exists(), f"no checkpoint; rc={proc.poll()}"
+            proc.send_signal(signal.SIGINT)
+            rc = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=60)
+        se.seek(0)
+        err = se.read()
+    assert rc == 130, (rc, err[-3000:])
+    assert "Traceback" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("ke-fast run: interrupted") and str(out / "last.pt") in last, err[-3000:]
+    command = last.partition("continue with: ")[2]
+    words = shlex.split(command)
+    assert words[:4] == ["python", "-m", "ke_fast", "run"] and "--resume" in words, last
+    resumed = cli._parser()[0].parse_args(words[3:])
+    assert resumed.resume and Path(resumed.out) == out and resumed.generations == 10000, last
+    assert resumed.model == "small_cnn" and resumed.per_class == 2 and resumed.weight_decay == 0, last

@@ -1,6 +1,6 @@
 """Packaging for ke_fast.
 
-`ke_fast.kernels` lives in the top-level `kernels/` folder (its own room, see DESIGN.md) and is
+`ke_fast.kernels` lives in the top-level `kernels/` folder (its own room, see ARCHITECTURE.md) and is
 mapped into the package with `package_dir`; this works for wheels and editable installs alike.
 The optional C++ CPU kernels are compiled on first use (torch.utils.cpp_extension + ninja), so
 installation never probes the machine.

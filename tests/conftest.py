@@ -16,6 +16,9 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 if HAS_CUDA:  # the oracles compare against fp64: TF32 convolutions and matmuls would be the error measured
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
+    # tests compare masked layers bit for bit with plain ones: cuDNN must not pick atomics-based algorithms
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 # Under pytest-xdist every worker would start one intra-op thread per core: on a 16-core GPU host with 14
 # workers that oversubscribes the CPU ~14x (the demo and compile tests then took over 200 s each). Share the

@@ -38,6 +38,7 @@ from .kernels.rng import PURPOSE_INIT, PURPOSE_RESET, as_int64, check_seed, stre
 ENV = "KE_FAST_BACKEND"
 IMPLEMENTATIONS = ("triton", "cpp", "reference")
 DEVICE_TYPES = ("cpu", "cuda")
+OPS: list[str] = []  # every op of the ke_fast namespace, in definition order (filled by _define)
 
 
 # ---- choosing the implementation: the one place ---------------------------------------------------
@@ -96,6 +97,7 @@ def _define(name: str, schema: str, impls: dict[str, Callable], prepare: Callabl
         raise NotImplementedError(f"ke_fast::{name} has kernels for {' and '.join(DEVICE_TYPES)} tensors only")
 
     op = torch.library.custom_op(f"ke_fast::{name}", unsupported, mutates_args=mutates, schema=schema)
+    OPS.append(name)
     for device_type in DEVICE_TYPES:
         def kernel(*args, _device_type=device_type):
             return _pick(impls, _device_type)(*prepare(*args))
@@ -323,7 +325,3 @@ def sparse_linear(x: torch.Tensor, cw: kernels.sparse_conv.Compressed, bias: tor
         return torch.ops.ke_fast.sparse_linear.default(x, cw.bits, cw.values, cw.offsets, list(cw.shape), bias)
     w = dense_weight() if dense_weight is not None else _sparse.decompress(cw)
     return torch.nn.functional.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
-
-
-OPS = ("masked_weight", "wels_bits_", "reset_entries_", "sparse_conv2d", "sparse_linear")
-"""Every op of the ``ke_fast`` namespace."""

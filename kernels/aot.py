@@ -40,8 +40,8 @@ def specs() -> list[tuple[str, object, dict, dict, dict]]:
             out.append((f"reinit[{dt}{',normal' if normal else ''}]", reinit._reinit_kernel,
                         {"w_base": ptr, "m_base": "*i32", "meta": "*i64", "tile_tensor": "*i32", "seed": "i64",
                          "stream_prefix": "i64", "BQ": "constexpr", "HAS_NORMAL": "constexpr"},
-                        {"BQ": reinit.tile_groups(normal), "HAS_NORMAL": normal},
-                        {"num_warps": reinit.num_warps(normal)}))
+                        {"BQ": reinit.tile_groups(), "HAS_NORMAL": normal},
+                        {"num_warps": reinit.GPU_NUM_WARPS}))
     for src, sptr in _FLOATS.items():
         for dst, dptr in _FLOATS.items():
             out.append((f"masked[{src}->{dst}]", masked._masked_kernel,

@@ -130,11 +130,10 @@ def reset_entries_(weights: list[torch.Tensor], words: list[torch.Tensor], table
     stream prefix; ``has_normal`` whether a row of the table is kind 1 (normal)."""
     if not tiles.numel():
         return
-    w_base = min(weights, key=lambda x: x.data_ptr())
-    m_base = min(words, key=lambda x: x.data_ptr())
-    _reinit_kernel[(tiles.numel(),)](w_base, m_base, _addressed(table, weights, words), tiles, seed, prefix,
-                                     BQ=tile_groups(has_normal), HAS_NORMAL=has_normal,
-                                     num_warps=num_warps(has_normal))
+    w_ptrs, m_ptrs = [x.data_ptr() for x in weights], [x.data_ptr() for x in words]
+    w_base, m_base = weights[w_ptrs.index(min(w_ptrs))], words[m_ptrs.index(min(m_ptrs))]
+    _reinit_kernel[(tiles.numel(),)](w_base, m_base, _addressed(table, weights, w_ptrs, words, m_ptrs), tiles, seed,
+                                     prefix, BQ=tile_groups(), HAS_NORMAL=has_normal, num_warps=GPU_NUM_WARPS)
 
 
 # The kernel reaches every tensor as an offset from the lowest-addressed one, so the offsets are taken from
@@ -144,17 +143,18 @@ def reset_entries_(weights: list[torch.Tensor], words: list[torch.Tensor], table
 _MAX_ADDRESS_SETS = 8
 
 
-def _addressed(table: torch.Tensor, weights: list[torch.Tensor], words: list[torch.Tensor]) -> torch.Tensor:
-    ptrs = tuple(x.data_ptr() for x in weights) + tuple(x.data_ptr() for x in words)
+def _addressed(table: torch.Tensor, weights: list[torch.Tensor], w_ptrs: list[int], words: list[torch.Tensor],
+               m_ptrs: list[int]) -> torch.Tensor:
+    key = (*w_ptrs, *m_ptrs)
     per_table = table.__dict__.setdefault("_ke_addressed", {})
-    filled = per_table.get(ptrs)
+    filled = per_table.get(key)
     if filled is None:
-        offs = torch.tensor([_base_offsets(weights), _base_offsets(words)], dtype=torch.int64).t()
+        offs = torch.tensor([_base_offsets(weights, w_ptrs), _base_offsets(words, m_ptrs)], dtype=torch.int64).t()
         filled = table.clone()
         filled[:, :2] = offs.to(table.device)
         if len(per_table) >= _MAX_ADDRESS_SETS:
             per_table.clear()
-        per_table[ptrs] = filled
+        per_table[key] = filled
     return filled
 
 
@@ -233,27 +233,21 @@ def dtype_groups(jobs: list[_Job]) -> list[list[_Job]]:
     return [g for g in ([j for j in jobs if j.weight.dtype == dt and j.weight.numel()] for dt in DTYPES) if g]
 
 
-def tile_groups(has_normal: bool) -> int:
+def tile_groups() -> int:
     """Groups of 4 elements per program: 32 under the interpreter (odd test shapes span several tiles),
-    GPU_TILE_GROUPS (2048 elements) on a GPU."""
+    GPU_TILE_GROUPS (2048 elements) on a GPU. Launches with normal tensors walk it in sub-tiles."""
     return 32 if backend.interpreting() else GPU_TILE_GROUPS
 
 
-def num_warps(has_normal: bool) -> int:
-    """Warps per program of a launch."""
-    return GPU_NUM_WARPS
-
-
-def _base_offsets(tensors: list[torch.Tensor]) -> list[int]:
-    """Every tensor's element offset from the lowest-addressed one."""
-    base = min(tensors, key=lambda x: x.data_ptr())
-    size = base.element_size()
+def _base_offsets(tensors: list[torch.Tensor], ptrs: list[int]) -> list[int]:
+    """Every tensor's element offset from the lowest-addressed one (``ptrs``: their data pointers)."""
+    base = min(ptrs)
+    size = tensors[0].element_size()
     offs = []
-    for x in tensors:
-        delta = x.data_ptr() - base.data_ptr()
-        if delta % size:  # cannot happen for allocator-made tensors of one dtype; refuse rather than corrupt
+    for p in ptrs:
+        if (p - base) % size:  # cannot happen for allocator-made tensors of one dtype; refuse rather than corrupt
             raise ValueError("tensor addresses are not aligned to their element size")
-        offs.append(delta // size)
+        offs.append((p - base) // size)
     return offs
 
 
@@ -266,7 +260,7 @@ def launch_table(group: list[_Job]) -> tuple[list[torch.Tensor], list[torch.Tens
     addressed ones) from the tensors it is given. tiles: int32 [n_tiles], the row of each tile of the
     Triton launch."""
     has_normal = any(j.kind == reference.KIND_NORMAL for j in group)
-    bq = tile_groups(has_normal)
+    bq = tile_groups()
     rows, counts = [], []
     first = 0
     for j in group:

@@ -285,7 +285,7 @@ def _(x, bits, values, offsets, shape, bias):
 SPARSE_MAX_ROWS = 64  # static rule (tracing without a cached decision): a roofline argument, not a measurement
 SPARSE_MAX_DENSITY = 0.7
 DECISIONS_FORMAT = 1
-_DECISIONS: dict[str, bool] = {}  # key -> True (sparse) / False (dense)
+_DECISIONS: dict[tuple, bool] = {}  # _decision_key(...) -> True (sparse) / False (dense)
 
 
 def use_sparse(rows: int, density: float, device: torch.device, measure: Callable[[], bool] | None = None) -> bool:
@@ -327,26 +327,47 @@ def path_seconds(fn: Callable[[], object], device: torch.device) -> float:
     return sorted(times)[2]
 
 
+DecisionKey = tuple  # (op, weight shape, kept count, geometry, x shape, dtype, device, keeps W*M)
+
+
 def _decision_key(op: str, cw: kernels.sparse_conv.Compressed, x: torch.Tensor, keeps_dense: bool,
-                  geometry: Sequence[int] = ()) -> str:
-    return (f"{op}|w{'x'.join(map(str, cw.shape))}|nnz{cw.values.numel()}|g{','.join(map(str, geometry))}"
-            f"|x{'x'.join(map(str, x.shape))}|{str(x.dtype).replace('torch.', '')}|{x.device}"
-            f"|{implementation(x.device.type)}|{'kept' if keeps_dense else 'decompress'}")
+                  geometry: tuple[int, ...] = ()) -> DecisionKey:
+    return (op, tuple(cw.shape), cw.values.numel(), geometry, tuple(x.shape), x.dtype, x.device, keeps_dense)
 
 
-def _decide(key: str, rows: int, density: float, device: torch.device, run_sparse: Callable[[], object],
+def _key_str(key: DecisionKey) -> str:
+    op, shape, nnz, geometry, x_shape, dtype, device, keeps = key
+    return (f"{op}|w{'x'.join(map(str, shape))}|nnz{nnz}|g{','.join(map(str, geometry))}|x{'x'.join(map(str, x_shape))}"
+            f"|{str(dtype).replace('torch.', '')}|{device}|{'kept' if keeps else 'decompress'}")
+
+
+def _key_from_str(text: str) -> DecisionKey:
+    """Inverse of :func:`_key_str`; raises ValueError for anything else."""
+    parts = text.split("|")
+    ints = lambda v, sep: tuple(int(i) for i in v.split(sep) if i)  # noqa: E731
+    if len(parts) != 8 or not isinstance(getattr(torch, parts[5], None), torch.dtype) \
+            or parts[7] not in ("kept", "decompress"):
+        raise ValueError(f"not a sparse decision key: {text!r}")
+    return (parts[0], ints(parts[1][1:], "x"), int(parts[2][3:]), ints(parts[3][1:], ","), ints(parts[4][1:], "x"),
+            getattr(torch, parts[5]), torch.device(parts[6]), parts[7] == "kept")
+
+
+def _decide(op: str, cw: kernels.sparse_conv.Compressed, x: torch.Tensor, dense: torch.Tensor | None,
+            geometry: tuple[int, ...], rows: int, density: float, run_sparse: Callable[[], object],
             run_dense: Callable[[], object]) -> Callable[[], bool]:
-    """The dispatcher's ``measure`` for :func:`use_sparse`: the cached decision for ``key``; else, outside
-    tracing and capture, time both paths and cache the faster; while tracing, the static rule (not cached)."""
+    """The dispatcher's ``measure`` for :func:`use_sparse` (called only where the Triton implementation runs):
+    the cached decision for this call's key; else, outside tracing and capture, time both paths and cache the
+    faster; while tracing, the static rule (not cached)."""
 
     def measure() -> bool:
+        key = _decision_key(op, cw, x, dense is not None, geometry)
         hit = _DECISIONS.get(key)
         if hit is not None:
             return hit
         if _tracing():
             return rows <= SPARSE_MAX_ROWS and density <= SPARSE_MAX_DENSITY
         with torch.no_grad():
-            sparse = path_seconds(run_sparse, device) < path_seconds(run_dense, device)
+            sparse = path_seconds(run_sparse, x.device) < path_seconds(run_dense, x.device)
         _DECISIONS[key] = sparse
         return sparse
 
@@ -356,8 +377,9 @@ def _decide(key: str, rows: int, density: float, device: torch.device, run_spars
 def sparse_decisions() -> dict[str, str]:
     """The dispatcher's cached decisions: key -> ``"sparse"`` or ``"dense"``. A key names the op, the weight
     shape and kept count, the conv geometry, the input shape, dtype and device, the implementation and
-    whether the layer keeps its W*M (``kept``) or decompresses per call."""
-    return {k: "sparse" if v else "dense" for k, v in _DECISIONS.items()}
+    whether the layer keeps its W*M (``kept``) or decompresses per call (decisions are made only where the
+    Triton implementation runs)."""
+    return {_key_str(k): "sparse" if v else "dense" for k, v in _DECISIONS.items()}
 
 
 def clear_sparse_decisions() -> None:
@@ -376,7 +398,7 @@ def save_sparse_decisions(path: str | os.PathLike) -> None:
     """Write the cached decisions to a JSON file (e.g. next to the model's checkpoint), with the name of
     each device they were measured on."""
     names = _device_names()
-    used = {k.split("|")[6] for k in _DECISIONS}
+    used = {str(k[6]) for k in _DECISIONS}
     doc = {"format": DECISIONS_FORMAT, "devices": {d: names.get(d, d) for d in sorted(used)},
            "decisions": sparse_decisions()}
     with open(path, "w") as f:
@@ -393,12 +415,19 @@ def load_sparse_decisions(path: str | os.PathLike) -> int:
         raise ValueError(f"{path}: not a ke_fast sparse decisions file of format {DECISIONS_FORMAT}")
     names, saved = _device_names(), doc.get("devices", {})
     loaded = 0
-    for key, choice in doc["decisions"].items():
-        parts = key.split("|")
-        if len(parts) != 9 or choice not in ("sparse", "dense"):
-            raise ValueError(f"{path}: bad decision {key!r}: {choice!r}")
-        if names.get(parts[6]) is not None and names[parts[6]] == saved.get(parts[6]):
-            _DECISIONS[key] = choice == "sparse"
+    decisions = {}
+    for text, choice in doc["decisions"].items():
+        try:
+            key = _key_from_str(text)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+        if choice not in ("sparse", "dense"):
+            raise ValueError(f"{path}: decision for {text!r} must be 'sparse' or 'dense', got {choice!r}")
+        decisions[key] = choice == "sparse"
+    for key, sparse in decisions.items():  # all checked first: a bad file adds nothing
+        device = str(key[6])
+        if names.get(device) is not None and names[device] == saved.get(device):
+            _DECISIONS[key] = sparse
             loaded += 1
     return loaded
 
@@ -433,8 +462,9 @@ def sparse_conv2d(x: torch.Tensor, cw: kernels.sparse_conv.Compressed, bias: tor
         return torch.nn.functional.conv2d(x, _dense_of(cw, dense, x.dtype), b, stride, padding, dilation, groups)
 
     rows, density = conv_rows(x, cw, stride, padding, dilation), _sparse.density_of(cw)
-    key = _decision_key("conv2d", cw, x, dense is not None, (*stride, *padding, *dilation, groups))
-    sparse = use_sparse(rows, density, x.device, _decide(key, rows, density, x.device, run_sparse, run_dense))
+    measure = _decide("conv2d", cw, x, dense, (*stride, *padding, *dilation, groups), rows, density, run_sparse,
+                      run_dense)
+    sparse = use_sparse(rows, density, x.device, measure)
     return run_sparse() if sparse else run_dense()
 
 
@@ -451,6 +481,6 @@ def sparse_linear(x: torch.Tensor, cw: kernels.sparse_conv.Compressed, bias: tor
         return torch.nn.functional.linear(x, _dense_of(cw, dense, x.dtype), b)
 
     rows, density = x.numel() // max(1, x.shape[-1]), _sparse.density_of(cw)
-    key = _decision_key("linear", cw, x, dense is not None)
-    sparse = use_sparse(rows, density, x.device, _decide(key, rows, density, x.device, run_sparse, run_dense))
+    sparse = use_sparse(rows, density, x.device, _decide("linear", cw, x, dense, (), rows, density, run_sparse,
+                                                         run_dense))
     return run_sparse() if sparse else run_dense()

@@ -262,8 +262,7 @@ def _skinny_kernel(out_ptr, part_ptr, count_ptr, x_ptr, bits_ptr, vals_ptr, offs
     of output tile j (SPLIT_WORDS is a multiple of 8, so its first index into ``values`` is one ``offsets``
     entry) into part_ptr[s] (fp32 [SPLIT_K, M, N]) and takes a ticket from count_ptr[j] (int32, zero before
     the launch); the program that draws the last ticket sums the SPLIT_K partials in split order
-    (deterministic), adds the bias, stores ``out`` and sets the counter back to zero. SPLIT_K = 1 stores at
-    once. ONE_ROW (M = 1): FMAs into a [32, BLOCK_N] accumulator, reduced once at the end; otherwise tl.dot
+    (deterministic), adds the bias and stores ``out``. SPLIT_K = 1 stores at once (part/count unused). ONE_ROW (M = 1): FMAs into a [32, BLOCK_N] accumulator, reduced once at the end; otherwise tl.dot
     on a [BLOCK_M, 32] x [32, BLOCK_N] step. The next word of the bit mask is loaded while the current one
     decodes. Addressing as in :func:`_sparse_conv_kernel` (a linear layer: H = W = OH = OW = KW = 1, C = K)."""
     pid_n = tl.program_id(0)
@@ -326,7 +325,6 @@ def _skinny_kernel(out_ptr, part_ptr, count_ptr, x_ptr, bits_ptr, vals_ptr, offs
                 total += tl.load(part_ptr + (s * M + m[:, None]) * N + n[None, :], mask=tile_ok, other=0.0,
                                  cache_modifier=".cg")
             _store_tile(out_ptr, total, bias_ptr, m, n, m_ok, n_ok, N, HAS_BIAS)
-            tl.store(count_ptr + pid_n, 0)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -353,8 +351,10 @@ def _skinny_launch(out: torch.Tensor, x: torch.Tensor, bits: torch.Tensor, vals:
     t = bits.shape[1]
     splits, words = skinny_split(n_out, t, x.device, split_k)
     tiles = triton.cdiv(n_out, SKINNY_BLOCK_N)
-    part = torch.empty(splits if splits > 1 else 0, m, n_out, dtype=torch.float32, device=x.device)
-    count = torch.zeros(tiles if splits > 1 else 0, dtype=torch.int32, device=x.device)
+    # fresh zero counters per launch (a memset); one unused element each when nothing is split (no null pointer)
+    part = torch.empty((splits, m, n_out) if splits > 1 else (1,), dtype=torch.float32, device=x.device)
+    count = (torch.zeros if splits > 1 else torch.empty)(tiles if splits > 1 else 1, dtype=torch.int32,
+                                                         device=x.device)
     _skinny_kernel[(tiles, splits)](out, part, count, x, bits, vals, offsets, vals if bias is None else bias,
                                     m, n_out, k, t, offsets.shape[1], words, splits, *geometry,
                                     HAS_BIAS=bias is not None, ONE_ROW=m == 1, IEEE=x.dtype == torch.float32,

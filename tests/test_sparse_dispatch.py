@@ -80,12 +80,12 @@ def test_decision_cached_per_shape_and_dtype_and_cleared(fake_timer):
     assert len(fake_timer["calls"]) == 8  # cleared: timed again
 
 
-def test_decision_key_names_the_device(monkeypatch):
-    monkeypatch.setenv("KE_FAST_BACKEND", "auto")
+def test_decision_key_names_the_device():
     x, cw, _ = _linear_case(device="cpu")
     other = "cuda:0" if HAS_CUDA else "meta"
-    keys = {ops._decision_key("linear", cw, x.to(d), True) for d in ("cpu", other)}
+    keys = {ops._key_str(ops._decision_key("linear", cw, x.to(d), True)) for d in ("cpu", other)}
     assert len(keys) == 2 and {k.split("|")[6] for k in keys} == {"cpu", other}
+    assert all(ops._key_str(ops._key_from_str(k)) == k for k in keys)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device next to the CPU")
@@ -153,6 +153,12 @@ def test_save_load_decisions(fake_timer, tmp_path):
     path.write_text(json.dumps({"format": 99}))
     with pytest.raises(ValueError, match="format"):
         ops.load_sparse_decisions(path)
+    doc["devices"] = {str(x.device): ops._device_names()[str(x.device)]}
+    doc["decisions"]["bogus|key"] = "sparse"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="not a sparse decision key"):
+        ops.load_sparse_decisions(path)
+    assert ops.sparse_decisions() == {}  # a bad file adds nothing
 
 
 # ---- the kept W*M ----------------------------------------------------------------------------------

@@ -439,8 +439,12 @@ def conv_rows(x: torch.Tensor, cw: kernels.sparse_conv.Compressed, stride: int |
     return size[0] * size[2] * size[3]
 
 
+def _as(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return t if t is None or t.dtype == dtype else t.to(dtype)  # no .to() call on the hot path when it is a no-op
+
+
 def _dense_of(cw: kernels.sparse_conv.Compressed, dense: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    return (dense if dense is not None else _sparse.decompress(cw)).to(dtype)
+    return _as(dense if dense is not None else _sparse.decompress(cw), dtype)
 
 
 def sparse_conv2d(x: torch.Tensor, cw: kernels.sparse_conv.Compressed, bias: torch.Tensor | None = None,
@@ -452,14 +456,14 @@ def sparse_conv2d(x: torch.Tensor, cw: kernels.sparse_conv.Compressed, bias: tor
     the layer's kept W*M for the dense path (None: decompress on every dense call)."""
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     _sparse.check_conv_args(x, cw.shape, groups)
-    b = None if bias is None else bias.to(x.dtype)
 
     def run_sparse():
         return torch.ops.ke_fast.sparse_conv2d.default(x, cw.bits, cw.values, cw.offsets, list(cw.shape), bias,
                                                        stride, padding, dilation, groups)
 
     def run_dense():
-        return torch.nn.functional.conv2d(x, _dense_of(cw, dense, x.dtype), b, stride, padding, dilation, groups)
+        return torch.nn.functional.conv2d(x, _dense_of(cw, dense, x.dtype), _as(bias, x.dtype), stride, padding,
+                                          dilation, groups)
 
     rows, density = conv_rows(x, cw, stride, padding, dilation), _sparse.density_of(cw)
     measure = _decide("conv2d", cw, x, dense, (*stride, *padding, *dilation, groups), rows, density, run_sparse,
@@ -472,13 +476,12 @@ def sparse_linear(x: torch.Tensor, cw: kernels.sparse_conv.Compressed, bias: tor
                   dense: torch.Tensor | None = None) -> torch.Tensor:
     """linear with a compressed weight, sparse or dense as the dispatcher decides (see :func:`sparse_conv2d`)."""
     _sparse.check_linear_args(x, cw.shape)
-    b = None if bias is None else bias.to(x.dtype)
 
     def run_sparse():
         return torch.ops.ke_fast.sparse_linear.default(x, cw.bits, cw.values, cw.offsets, list(cw.shape), bias)
 
     def run_dense():
-        return torch.nn.functional.linear(x, _dense_of(cw, dense, x.dtype), b)
+        return torch.nn.functional.linear(x, _dense_of(cw, dense, x.dtype), _as(bias, x.dtype))
 
     rows, density = x.numel() // max(1, x.shape[-1]), _sparse.density_of(cw)
     sparse = use_sparse(rows, density, x.device, _decide("linear", cw, x, dense, (), rows, density, run_sparse,

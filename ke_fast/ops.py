@@ -278,7 +278,7 @@ def _(x, bits, values, offsets, shape, bias):
 
 
 # ---- the dispatcher: sparse (Triton, compressed weight) or dense (W*M + cuDNN/cuBLAS) ------------------
-# Decided per (layer signature, input shape, dtype, device, implementation) by timing both paths on first use,
+# Decided per (layer signature, input shape, dtype, device) by timing both paths on first use (where Triton runs),
 # as Triton's autotuner does, and cached (ops.sparse_decisions / clear_ / save_ / load_sparse_decisions).
 # While torch.compile traces or a CUDA graph captures, nothing is timed: a cached decision, else the static
 # rule below. KE_FAST_SPARSE=auto|on|off overrides everything.
@@ -345,11 +345,14 @@ def _key_from_str(text: str) -> DecisionKey:
     """Inverse of :func:`_key_str`; raises ValueError for anything else."""
     parts = text.split("|")
     ints = lambda v, sep: tuple(int(i) for i in v.split(sep) if i)  # noqa: E731
-    if len(parts) != 8 or not isinstance(getattr(torch, parts[5], None), torch.dtype) \
-            or parts[7] not in ("kept", "decompress"):
-        raise ValueError(f"not a sparse decision key: {text!r}")
-    return (parts[0], ints(parts[1][1:], "x"), int(parts[2][3:]), ints(parts[3][1:], ","), ints(parts[4][1:], "x"),
-            getattr(torch, parts[5]), torch.device(parts[6]), parts[7] == "kept")
+    try:
+        if len(parts) != 8 or not isinstance(getattr(torch, parts[5], None), torch.dtype) \
+                or parts[7] not in ("kept", "decompress") or parts[0] not in ("conv2d", "linear"):
+            raise ValueError(text)
+        return (parts[0], ints(parts[1][1:], "x"), int(parts[2][3:]), ints(parts[3][1:], ","),
+                ints(parts[4][1:], "x"), getattr(torch, parts[5]), torch.device(parts[6]), parts[7] == "kept")
+    except (ValueError, RuntimeError):
+        raise ValueError(f"not a sparse decision key: {text!r}") from None
 
 
 def _decide(op: str, cw: kernels.sparse_conv.Compressed, x: torch.Tensor, dense: torch.Tensor | None,

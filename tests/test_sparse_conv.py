@@ -173,13 +173,18 @@ def test_skinny_split_is_whole_chunks():
 
 @pytest.mark.skipif(not any(p[0] == "triton" for p in SPARSE_PAIRS), reason="Triton needs CUDA or the interpreter")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_skinny_conv_matches_reference(dtype):
-    """A batch-1 conv with 4x3 = 12 output pixels (<= SKINNY_MAX_ROWS rows: the skinny kernel), K = 17*9 = 153."""
-    x, w, m, b = _data(5, (1, 17, 7, 5), (19, 17, 3, 3), 0.3, dtype, True)
+@pytest.mark.parametrize("hw,stride,padding", [((7, 5), (2, 1), (1, 0)), ((2, 2), (2, 2), (1, 1))],
+                         ids=["12rows", "1row-padded"])
+def test_skinny_conv_matches_reference(dtype, hw, stride, padding):
+    """Batch-1 convs the skinny kernel runs: 4x3 = 12 output pixels, and one output pixel whose window reaches
+    into the padding (the one-row FMA path); K = 17*9 = 153."""
+    x, w, m, b = _data(5, (1, 17, *hw), (19, 17, 3, 3), 0.3, dtype, True)
     cw = sc.compress(w, m)
-    out = sc.sparse_conv2d(x, cw.bits, cw.values, cw.offsets, list(cw.shape), b, [2, 1], [1, 0], [1, 1], 1,
-                           split_k=1)
-    _check(out, F.conv2d(x.double(), w.double() * m, b.double(), (2, 1), (1, 0)), dtype)
+    out = sc.sparse_conv2d(x, cw.bits, cw.values, cw.offsets, list(cw.shape), b, list(stride), list(padding),
+                           [1, 1], 1, split_k=1)
+    ref = F.conv2d(x.double(), w.double() * m, b.double(), stride, padding)
+    assert ref.shape[2] * ref.shape[3] <= sc.SKINNY_MAX_ROWS
+    _check(out, ref, dtype)
 
 
 # ---- the compressed format -----------------------------------------------------------------------

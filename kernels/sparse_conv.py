@@ -7,10 +7,13 @@ Compressed format (one layer, :class:`Compressed`):
   ``[N, C, R, S]`` is permuted to ``[N, R, S, C]`` first (a linear weight ``[N, K]`` is already there).
 * ``bits``: int32 ``[N, T]``, ``T = ceil(K / 32)``; bit b of word (n, t) keeps element ``k = 32 t + b``
   of row n. Rows start on a word boundary (unlike the flat mask format) so a K-tile of 32 is one word.
-* ``values``: the kept values, row by row, k ascending (``nnz`` of them, fp32 / fp16 / bf16).
-* ``offsets``: int64 ``[N, ceil(T / 8)]``, the index in ``values`` of the first kept value of row n at
-  word ``8 c``: a tile decodes from its chunk's offset plus popcounts of at most 7 earlier words,
-  never scanning its row.
+* ``values``: the kept values (``nnz`` of them, fp32 / fp16 / bf16) *chunk-major*: a chunk is 8 words
+  (256 k) of a row; chunk 0 of rows 0..N-1, then chunk 1 of rows 0..N-1, ...; within a chunk of a row k
+  ascending. So the values a program reads for a block of consecutive rows in one chunk are one contiguous
+  run, whatever its block size.
+* ``offsets``: int64 ``[N, ceil(T / 8)]``, the index in ``values`` of the first kept value of (row n,
+  chunk c): a tile decodes from its chunk's offset plus popcounts of at most 7 earlier words of the row,
+  never scanning its row. (With one chunk per row, K <= 256, the order is simply row by row.)
 
 Memory: ``s*bits + 1 + 0.25`` bits per weight, i.e. 57.8 % of dense bf16 at s = 0.5.
 A weight tile ``[32, BLOCK_N]`` is decoded as ``value = bit ? values[offset + popcount(word & (2^b - 1))] : 0``.
@@ -79,10 +82,13 @@ class Compressed:
 
 
 def _chunk_offsets(counts: torch.Tensor) -> torch.Tensor:
+    """offsets [N, C] from the per-word popcounts [N, T]: exclusive prefix in chunk-major order."""
     n, t = counts.shape
-    flat = counts.reshape(-1)
-    start = torch.cumsum(flat, 0) - flat  # exclusive prefix over the whole row-major array
-    return start.view(n, t)[:, ::CHUNK_WORDS].contiguous()
+    chunks = triton.cdiv(t, CHUNK_WORDS)
+    per_chunk = torch.nn.functional.pad(counts, (0, chunks * CHUNK_WORDS - t)).view(n, chunks, CHUNK_WORDS).sum(-1)
+    flat = per_chunk.t().reshape(-1)  # chunk-major: (c, n)
+    start = torch.cumsum(flat, 0) - flat
+    return start.view(chunks, n).t().contiguous()
 
 
 def gemm_order(w: torch.Tensor) -> torch.Tensor:
@@ -103,7 +109,8 @@ def compress(weight: torch.Tensor, mask: torch.Tensor) -> Compressed:
     padded = torch.zeros(n, t * 32, dtype=torch.bool, device=mask.device)
     padded[:, :k] = m2
     bits = pack_mask(padded).view(n, t)
-    return Compressed(tuple(weight.shape), bits, w2[m2].contiguous(), _chunk_offsets(word_popcounts(bits)))
+    values = reference.chunk_major(w2)[reference.chunk_major(m2)]
+    return Compressed(tuple(weight.shape), bits, values.contiguous(), _chunk_offsets(word_popcounts(bits)))
 
 
 def decompress(cw: Compressed) -> torch.Tensor:
@@ -262,8 +269,8 @@ def _skinny_kernel(out_ptr, part_ptr, count_ptr, x_ptr, bits_ptr, vals_ptr, offs
     """out[m, n] = sum_k x_im2col[m, k] * W[n, k] (+ bias[n]) for M <= BLOCK_M rows, split over K.
 
     Grid (cdiv(N, BLOCK_N), SPLIT_K): program (j, s) reduces words [s * SPLIT_WORDS, (s + 1) * SPLIT_WORDS)
-    of output tile j (SPLIT_WORDS is a multiple of 8, so its first index into ``values`` is one ``offsets``
-    entry) into part_ptr[s] (fp32 [SPLIT_K, M, N]) and takes a ticket from count_ptr[j] (int32, zero before
+    of output tile j (SPLIT_WORDS is a multiple of 8: whole chunks, each read as one contiguous run of
+    ``values`` from its ``offsets`` entry) into part_ptr[s] (fp32 [SPLIT_K, M, N]) and takes a ticket from count_ptr[j] (int32, zero before
     the launch); the program that draws the last ticket sums the SPLIT_K partials in split order
     (deterministic), adds the bias and stores ``out``. SPLIT_K = 1 stores at once (part/count unused).
     ONE_ROW (M = 1): FMAs into a [32, BLOCK_N] accumulator, reduced once at the end; otherwise tl.dot
@@ -282,13 +289,15 @@ def _skinny_kernel(out_ptr, part_ptr, count_ptr, x_ptr, bits_ptr, vals_ptr, offs
         acc2 = tl.zeros([32, BLOCK_N], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    running = tl.load(offs_ptr + n * NCHUNK + t0 // 8, mask=n_ok, other=0).to(tl.int32)
+    running = tl.zeros([BLOCK_N], dtype=tl.int32)  # seeded from offsets at each chunk start (t0 is one)
     word = tl.load(bits_ptr + n * T + t0, mask=n_ok, other=0).to(tl.uint32, bitcast=True)  # t0 < T: no split is empty
     kk = tl.arange(0, 32).to(tl.uint32)[:, None]
     low = (tl.full([32, 1], 1, tl.uint32) << kk) - 1
     for t in range(t0, t1):
         # prefetch the next word (the last step reloads its own: no out-of-split read)
         nxt = tl.load(bits_ptr + n * T + tl.minimum(t + 1, t1 - 1), mask=n_ok, other=0).to(tl.uint32, bitcast=True)
+        seed = tl.load(offs_ptr + n * NCHUNK + t // 8, mask=n_ok & (t % 8 == 0), other=0).to(tl.int32)
+        running = tl.where(t % 8 == 0, seed, running)
         keep = ((word[None, :] >> kk) & 1) != 0
         idx = running[None, :] + _popc(word[None, :] & low).to(tl.int32)
         wt = tl.load(vals_ptr + idx, mask=keep & n_ok[None, :], other=0.0)

@@ -204,6 +204,18 @@ def test_compress_decompress_round_trip(shape, dtype, density):
     assert sc.density_of(cw) == pytest.approx(float(m.float().mean()))
 
 
+def test_values_are_chunk_major():
+    """A block of consecutive rows reads one contiguous run of values per 256-wide chunk: rows a..b-1 of chunk c
+    are values[offsets[a, c]:offsets[b, c]], their kept weights in (row, k) order."""
+    _, w, m, _ = _data(2, (1,), (7, 600), 0.4, torch.float32, False)  # 3 chunks, the last one partial
+    cw = sc.compress(w, m).validate()
+    for c in range(3):
+        cols = slice(256 * c, min(256 * (c + 1), 600))
+        for a, b in ((0, 7), (2, 5)):
+            end = cw.offsets[b, c] if b < 7 else (cw.offsets[0, c + 1] if c < 2 else cw.values.numel())
+            assert torch.equal(cw.values[cw.offsets[a, c]:end], w[a:b, cols][m[a:b, cols]])
+
+
 def _valid():
     """A linear weight with K = 300: T = 10 words per row, 2 chunks, a 12-bit tail word."""
     _, w, m, _ = _data(3, (1,), (6, 300), 0.5, torch.float32, False)

@@ -273,9 +273,10 @@ def _skinny_kernel(out_ptr, part_ptr, count_ptr, x_ptr, bits_ptr, vals_ptr, offs
     ``values`` from its ``offsets`` entry) into part_ptr[s] (fp32 [SPLIT_K, M, N]) and takes a ticket from
     count_ptr[j] (int32, zero before the launch); the program that draws the last ticket sums the SPLIT_K
     partials in split order (deterministic), adds the bias and stores ``out``. SPLIT_K = 1 stores at once
-    (part/count unused). ONE_ROW (M = 1): FMAs into a [32, BLOCK_N] accumulator, reduced once at the end; otherwise tl.dot
-    on a [BLOCK_M, 32] x [32, BLOCK_N] step. The next word of the bit mask is loaded while the current one
-    decodes. Addressing as in :func:`_sparse_conv_kernel` (a linear layer: H = W = OH = OW = KW = 1, C = K)."""
+    (part/count unused). ONE_ROW (M = 1): FMAs into a [32, BLOCK_N] accumulator, reduced once at the end;
+    otherwise tl.dot on a [BLOCK_M, 32] x [32, BLOCK_N] step. The next word of the bit mask is loaded while
+    the current one decodes. Addressing as in :func:`_sparse_conv_kernel` (a linear layer: H = W = OH = OW =
+    KW = 1, C = K)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -27,10 +27,17 @@ each with a random WELS mask (``torch.rand < s``, fixed seed) at split rate s in
 the same scale), "speed-up vs dense" (dense ms / this ms, dense measured in the same run) and, on CUDA,
 "% of H100 3.35 TB/s (nominal)": GB/s over the H100 SXM's data-sheet HBM bandwidth, not a measured copy.
 
-(b) The whole fit network at batch 1 (group "resnet18 fit network"): ResNet-18 (1000 classes) split WELS 0.5,
-eval mode. ``sparse``: ``ke_fast.extract_sparse(model)``; ``fit_only``: the split dense model under
-``ke_fast.fit_only`` (W*M formed every forward); ``dense_baked``: a plain ResNet-18 holding W*M (cuDNN alone,
-the floor for any dense path). CUDA: 1x3x224x224, bf16 model and input, channels_last. CPU: 1x3x64x64, fp32.
+(a') Skinny linears (group "skinny ..."): 4096x4096 and 11008x4096 at 1-16 rows, density 0.5 and 0.3: the
+split-K skinny Triton kernel against cuBLAS on W*M (CUDA only for the kernel; CPU runs the dense baseline).
+``test_sparse_dispatch`` also reports ``vs faster path``: the faster of dense and Triton (same run) over the
+dispatcher's time, with the layer's kept W*M as an extract_sparse layer holds it.
+
+(b) The whole fit network at batch 1 (group "resnet18 fit network"): ResNet-18 (1000 classes), eval mode.
+``sparse``: ``ke_fast.extract_sparse`` of a WELS 0.5 split; ``fit_only``: the split dense model under
+``ke_fast.fit_only``; ``dense_baked``: a plain ResNet-18 holding W*M (cuDNN alone). ``*_ro``: the same under
+``torch.compile(mode="reduce-overhead", fullgraph=True)`` (CUDA graphs; plain inductor on CPU), the sparse one
+after an eager warm-up that makes the dispatcher's decisions; ``slim_ro``: ``extract_slim`` of a KELS 0.5 split
+against its W*M model ``kels_dense_baked_ro``. CUDA: 1x3x224x224, bf16, channels_last. CPU: 1x3x64x64, fp32.
 
 CPU threads: 1 by default (``KE_FAST_BENCH_THREADS``; 0 = torch's default), restored after the file.
 
@@ -189,16 +196,29 @@ def _triton_fn(c: dict):
 
 
 def _dispatch_fn(c: dict):
-    x, cw = c["x"], c["cw"]
+    """What an extract_sparse layer calls: the dispatcher with the layer's kept W*M (in the weight's dtype)."""
+    x, cw, wm = c["x"], c["cw"], c["wm"]
     if c["kind"] == "conv":
         stride, pad = c["stride"], c["pad"]
-        return lambda: ops.sparse_conv2d(x, cw, None, stride, pad, (1, 1), 1)
-    return lambda: ops.sparse_linear(x, cw, None)
+        return lambda: ops.sparse_conv2d(x, cw, None, stride, pad, (1, 1), 1, dense=wm)
+    return lambda: ops.sparse_linear(x, cw, None, dense=wm)
 
 
-def _dispatch_choice(c: dict) -> str:
-    sparse = ops.use_sparse(c["m"], SC.density_of(c["cw"]), c["x"].device)
-    return "triton sparse kernel" if sparse else "decompress + dense (cuDNN/cuBLAS or CPU)"
+def _choices(fn) -> list[bool]:
+    """The dispatcher's choices (True: the Triton sparse kernel) during one call of ``fn``."""
+    real, picked = ops.use_sparse, []
+
+    def spy(*args, **kwargs):
+        picked.append(real(*args, **kwargs))
+        return picked[-1]
+
+    ops.use_sparse = spy
+    try:
+        with torch.no_grad():
+            fn()
+    finally:
+        ops.use_sparse = real
+    return picked
 
 
 def _rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -333,113 +353,210 @@ def test_sparse_triton(benchmark, layer, s, batch, monkeypatch):
         benchmark.extra_info["note"] = "Triton interpreter: not a performance figure"
 
 
+_TRITON_S: dict = {}  # (layer, s, batch) -> Triton op seconds measured in this run (CUDA only)
+
+
+def _triton_seconds(key, c: dict) -> float | None:
+    """The sparse op's seconds (CUDA; on CPU the interpreter is no contender: None)."""
+    if not CUDA:
+        return None
+    if key not in _TRITON_S:
+        before = os.environ.get("KE_FAST_BACKEND")
+        os.environ["KE_FAST_BACKEND"] = "triton"
+        try:
+            _TRITON_S[key] = _device_seconds(_triton_fn(c))
+        finally:
+            if before is None:
+                os.environ.pop("KE_FAST_BACKEND")
+            else:
+                os.environ["KE_FAST_BACKEND"] = before
+    return _TRITON_S[key]
+
+
 @pytest.mark.parametrize("layer,s,batch", CASES)
 def test_sparse_dispatch(benchmark, layer, s, batch):
+    """The dispatcher (first call decides by timing, outside the timed region) against the faster of the dense
+    and the Triton path measured in the same run: ``extra_info["vs faster path"]`` (target >= 0.97)."""
     _group(benchmark, layer, s, batch)
     c = _case(layer, s, batch)
     fn = _dispatch_fn(c)
     _check(fn(), c["ref"])
+    (picked,) = _choices(fn)
     _sync()
     seconds = _measure(benchmark, fn, ROUNDS)
-    _record(benchmark, seconds, c["cw"].nbytes() + _io_bytes(c), _flops(c),
-            _dense_seconds((layer, s, batch), _dense_fn(c)))
-    benchmark.extra_info["dispatch"] = _dispatch_choice(c)
+    dense_s = _dense_seconds((layer, s, batch), _dense_fn(c))
+    _record(benchmark, seconds, c["cw"].nbytes() + _io_bytes(c), _flops(c), dense_s)
+    benchmark.extra_info["dispatch"] = "triton sparse kernel" if picked else "dense on the kept W*M"
     benchmark.extra_info["rows (M)"] = c["m"]
+    triton_s = _triton_seconds((layer, s, batch), c)
+    if seconds:
+        faster = min(t for t in (dense_s, triton_s) if t)
+        benchmark.extra_info["vs faster path"] = faster / seconds
+        if triton_s:
+            benchmark.extra_info["triton ms (same run)"] = triton_s * 1e3
 
 
-# ----------------------------------------------------------------------------------------------- network
-NET_CONTENDERS = ("sparse", "fit_only", "dense_baked")
+# ----------------------------------------------------------------------------------------------- skinny linears
+# Few rows (batch-1 to batch-16 inference of large linears): the split-K skinny kernel against cuBLAS on W*M.
+# Targets on an H100: >= 1.0x cuBLAS at density 0.5, >= 1.2x at 0.3. CUDA only for the kernel (the interpreter is
+# no performance path); on CPU the dense baseline runs at rows 1 and 16.
+SKINNY_SHAPES = {"linear-4096x4096": (4096, 4096), "linear-11008x4096": (11008, 4096)}  # name -> (N, K)
+SKINNY_ROWS = (1, 2, 4, 8, 16) if CUDA else (1, 16)
+SKINNY_DENSITIES = (0.5, 0.3)
+SKINNY_CASES = [pytest.param(name, d, r, id=f"{name}-d{d}-rows{r}") for name in SKINNY_SHAPES
+                for d in SKINNY_DENSITIES for r in SKINNY_ROWS]
 
 
 @functools.lru_cache(maxsize=None)
-def _networks():
-    """(split WELS 0.5 ResNet-18, its extract_sparse copy, a plain ResNet-18 holding W*M, input), eval mode."""
-    torch.manual_seed(SEED)
-    net = resnet18(num_classes=1000)
-    ke_fast.split(net, "wels", 0.5, seed=SEED)
-    net = net.to(DEVICE, DTYPE).eval()
-    sparse = ke_fast.extract_sparse(net).eval()
+def _skinny_case(name: str, density: float, rows: int) -> dict:
+    n, k = SKINNY_SHAPES[name]
+    g = torch.Generator().manual_seed(SEED)
+    w = torch.randn(n, k, generator=g) / math.sqrt(k)
+    mask = torch.rand(n, k, generator=g) < density
+    x = torch.randn(rows, k, generator=g)
+    ref = F.linear(x, w * mask).to(DEVICE)
+    return dict(kind="linear", x=x.to(DEVICE, DTYPE), wm=(w * mask).to(DEVICE, DTYPE),
+                cw=SC.compress(w.to(DEVICE, DTYPE), mask.to(DEVICE)), ref=ref, m=rows, n=n, kdim=k)
+
+
+@pytest.mark.parametrize("name,density,rows", SKINNY_CASES)
+@pytest.mark.parametrize("which", ("dense", "skinny"))
+def test_sparse_skinny_linear(benchmark, which, name, density, rows, monkeypatch):
+    benchmark.group = f"skinny {name} d={density} rows={rows} {str(DTYPE).replace('torch.', '')}"
+    c = _skinny_case(name, density, rows)
+    if which == "skinny":
+        if not CUDA:
+            pytest.skip("the skinny Triton kernel is timed on CUDA only (the interpreter is no performance path)")
+        monkeypatch.setenv("KE_FAST_BACKEND", "triton")
+        fn = _triton_fn(c)
+    else:
+        fn = _dense_fn(c)
+    _check(fn(), c["ref"])
+    _sync()
+    seconds = _measure(benchmark, fn, ROUNDS)
+    dense_s = None if which == "dense" else _dense_seconds(("skinny", name, density, rows), _dense_fn(c))
+    if which == "dense" and seconds:
+        _DENSE_S.setdefault(("skinny", name, density, rows), seconds)
+    wbytes = c["wm"].numel() * _esize() if which == "dense" else c["cw"].nbytes()
+    _record(benchmark, seconds, wbytes + _io_bytes(c), _flops(c), dense_s)
+    benchmark.extra_info["density"] = SC.density_of(c["cw"])
+    if which == "skinny":
+        benchmark.extra_info["split-K"] = SC.skinny_split(c["n"], c["cw"].bits.shape[1], DEVICE)[0]
+        benchmark.extra_info["target vs cuBLAS"] = 1.0 if density == 0.5 else 1.2
+
+
+# ----------------------------------------------------------------------------------------------- network
+# name -> (model kind, torch.compile mode or None); "*_ro" run under torch.compile(mode="reduce-overhead",
+# fullgraph=True): CUDA graphs on CUDA, plain inductor on CPU (where reduce-overhead falls back).
+NET_CONTENDERS = {"sparse": ("sparse", None), "fit_only": ("fit_only", None), "dense_baked": ("baked", None),
+                  "sparse_ro": ("sparse", "reduce-overhead"), "dense_baked_ro": ("baked", "reduce-overhead"),
+                  "slim_ro": ("slim", "reduce-overhead"), "kels_dense_baked_ro": ("kels_baked", "reduce-overhead")}
+
+
+def _baked(net: nn.Module) -> nn.Module:
+    """A plain copy of a split model holding W*M (and the masked bias)."""
     baked = copy.deepcopy(net)
     with torch.no_grad():
         for _, m in ke_fast.masked_layers(baked):
             m.weight.mul_(K.unpack_mask(m.fit_mask, m.weight.shape).to(m.weight.dtype))
             if m.bias is not None:
                 m.bias.mul_(K.unpack_mask(m.bias_mask, m.bias.shape).to(m.bias.dtype))
-    ke_fast.revert(baked)
+    return ke_fast.revert(baked)
+
+
+def _net_input() -> torch.Tensor:
     side = 224 if CUDA else 64
     x = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(SEED)).to(DEVICE, DTYPE)
-    if CUDA:
-        x = x.contiguous(memory_format=torch.channels_last)
-        net = net.to(memory_format=torch.channels_last)
-        baked = baked.to(memory_format=torch.channels_last)
-    return net, sparse, baked, x
+    return x.contiguous(memory_format=torch.channels_last) if CUDA else x
 
 
+def _cl(model: nn.Module) -> nn.Module:
+    return model.to(memory_format=torch.channels_last) if CUDA else model
+
+
+@functools.lru_cache(maxsize=None)
+def _networks():
+    """Eval-mode ResNet-18s (1000 classes): {"fit_only": split WELS 0.5, "sparse": its extract_sparse copy,
+    "baked": a plain one holding W*M, "slim": extract_slim of a KELS 0.5 split, "kels_baked": that split's
+    W*M}, and the input."""
+    torch.manual_seed(SEED)
+    net = resnet18(num_classes=1000)
+    ke_fast.split(net, "wels", 0.5, seed=SEED)
+    net = net.to(DEVICE, DTYPE).eval()
+    sparse = ke_fast.extract_sparse(net).eval()
+    torch.manual_seed(SEED)
+    kels = resnet18(num_classes=1000)
+    ke_fast.split(kels, "kels", 0.5, seed=SEED)
+    kels = kels.to(DEVICE, DTYPE).eval()
+    models = {"fit_only": _cl(net), "sparse": _cl(sparse), "baked": _cl(_baked(net)),
+              "slim": _cl(ke_fast.extract_slim(kels).eval()), "kels_baked": _cl(_baked(kels)), "kels": kels}
+    return models, _net_input()
+
+
+@functools.lru_cache(maxsize=None)
 def _net_fn(which: str):
-    net, sparse, baked, x = _networks()
-    if which == "sparse":
-        return lambda: sparse(x)
-    if which == "dense_baked":
-        return lambda: baked(x)
+    models, x = _networks()
+    kind, mode = NET_CONTENDERS[which]
+    model = models[kind]
+    if kind == "fit_only":
+        def fit():
+            with ke_fast.fit_only(model):
+                return model(x)
 
-    def fit():
-        with ke_fast.fit_only(net):
-            return net(x)
+        return fit
+    if kind == "sparse":
+        with torch.no_grad():
+            model(x)  # eager warm-up: the dispatcher decides every layer before any tracing
+    if mode is None:
+        return lambda: model(x)
+    compiled = torch.compile(model, mode=mode, fullgraph=True)
 
-    return fit
+    def run():
+        return compiled(x).clone()  # CUDA graphs reuse their output buffer: keep this call's result
+
+    return run
+
+
+def _reference_of(which: str) -> torch.Tensor:
+    """The fit-only output of the split model a contender was extracted from."""
+    models, x = _networks()
+    split = models["kels" if NET_CONTENDERS[which][0] in ("slim", "kels_baked") else "fit_only"]
+    with ke_fast.fit_only(split):
+        return split(x).float()
 
 
 def _weight_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
-def _sparse_layers_on_triton(x: torch.Tensor) -> tuple[int, int]:
-    """(layers of the sparse network the dispatcher sends to the Triton kernel at this input, all its layers)."""
-    _, sparse, _, _ = _networks()
-    picked = []
-
-    def hook(mod, inp, out):
-        xi = inp[0]
-        cw = mod.compressed
-        if isinstance(mod, ke_fast.SparseConv2d):
-            rows = ops.conv_rows(xi, cw, mod.stride, mod.padding, mod.dilation)
-        else:
-            rows = xi.numel() // max(1, xi.shape[-1])
-        picked.append(ops.use_sparse(rows, SC.density_of(cw), xi.device))
-
-    layers = [m for m in sparse.modules() if isinstance(m, (ke_fast.SparseConv2d, ke_fast.SparseLinear))]
-    handles = [m.register_forward_hook(hook) for m in layers]
-    try:
-        with torch.no_grad():
-            sparse(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return sum(picked), len(layers)
-
-
-@pytest.mark.parametrize("which", NET_CONTENDERS)
+@pytest.mark.parametrize("which", list(NET_CONTENDERS))
 def test_sparse_network(benchmark, which):
-    net, sparse, baked, x = _networks()
-    benchmark.group = f"resnet18 fit network WELS 0.5 batch 1 {tuple(x.shape[1:])} {str(DTYPE).replace('torch.', '')}"
+    """ResNet-18 fit networks at batch 1. ``extra_info["vs plain W*M model, same mode"]``: the plain model holding
+    W*M (its KELS split's for slim) under the same compile mode, divided by this contender's time (targets on an
+    H100: sparse >= 1.0)."""
+    models, x = _networks()
+    kind, mode = NET_CONTENDERS[which]
+    benchmark.group = f"resnet18 fit network batch 1 {tuple(x.shape[1:])} {str(DTYPE).replace('torch.', '')}"
     with torch.no_grad():
-        ref = _net_fn("fit_only")().float()
+        ref = _reference_of(which)
         fn = _net_fn(which)
-        out = fn().float()
+        for _ in range(3):  # compiles, records the CUDA graph
+            out = fn().float()
         _sync()
         scale = ref.abs().max().item() or 1.0
         tol = 5e-2 if DTYPE == torch.bfloat16 else 1e-4
-        assert (out - ref).abs().max().item() <= tol * scale, "sparse network output differs from fit-only"
+        assert (out - ref).abs().max().item() <= tol * scale, f"{which} output differs from fit-only"
         seconds = _measure(benchmark, fn, NET_ROUNDS)
-        dense_s = None if which == "fit_only" else _dense_seconds("net", _net_fn("fit_only"))
-        if which == "fit_only" and seconds:
-            _DENSE_S.setdefault("net", seconds)
-    model = {"sparse": sparse, "fit_only": net, "dense_baked": baked}[which]
-    _record(benchmark, seconds, None, None, dense_s)
-    if dense_s and seconds:
-        benchmark.extra_info.pop("speed-up vs dense", None)
-        benchmark.extra_info["speed-up vs fit_only"] = dense_s / seconds
-    benchmark.extra_info["weight bytes"] = _weight_bytes(model)
-    if which == "sparse":
-        on, total = _sparse_layers_on_triton(x)
-        benchmark.extra_info["layers on triton kernel"] = f"{on} of {total}"
+        plain = {"sparse": "dense_baked", "fit_only": "dense_baked", "dense_baked": None, "sparse_ro": "dense_baked_ro",
+                 "dense_baked_ro": None, "slim_ro": "kels_dense_baked_ro", "kels_dense_baked_ro": None}[which]
+        plain_s = _dense_seconds(("net", plain), _net_fn(plain)) if plain else None
+        if plain is None and seconds:
+            _DENSE_S.setdefault(("net", which), seconds)
+    _record(benchmark, seconds, None, None, None)
+    benchmark.extra_info["compile mode"] = mode or "eager"
+    if plain_s and seconds:
+        benchmark.extra_info["vs plain W*M model, same mode"] = plain_s / seconds
+    benchmark.extra_info["weight bytes"] = _weight_bytes(models[kind])
+    if kind == "sparse":
+        picked = _choices(lambda: models["sparse"](x))
+        benchmark.extra_info["layers on triton kernel"] = f"{sum(picked)} of {len(picked)}"

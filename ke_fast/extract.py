@@ -219,29 +219,31 @@ def slim_report(dense: nn.Module, slim: nn.Module, example_input: Any) -> dict[s
 
 class _SparseLayer(nn.Module):
     """A conv/linear layer whose weight is held in the compressed WELS format (buffers ``bits``,
-    ``values``, ``offsets``) with an optional ``bias`` buffer. Inference only (no weight gradient)."""
+    ``values``, ``offsets``) with an optional ``bias`` buffer. Inference only (no weight gradient).
 
-    def __init__(self, cw: K.sparse_conv.Compressed, bias: torch.Tensor | None) -> None:
+    ``keep_dense`` (default True): the layer also keeps W*M decompressed once (buffer ``dense``, not saved in
+    the state_dict, rebuilt after a load) for the dispatcher's dense path; False saves that memory (dense
+    weight bytes per layer) and decompresses on every dense call instead. After editing the compressed
+    buffers in place, call :meth:`refresh_dense`."""
+
+    def __init__(self, cw: K.sparse_conv.Compressed, bias: torch.Tensor | None, keep_dense: bool = True) -> None:
         super().__init__()
         self.weight_shape = tuple(cw.shape)
         self.register_buffer("bits", cw.bits)
         self.register_buffer("values", cw.values)
         self.register_buffer("offsets", cw.offsets)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.register_buffer("dense", None, persistent=False)
+        self.keep_dense = keep_dense
+        self.refresh_dense()
 
     @property
     def compressed(self) -> K.sparse_conv.Compressed:
         return K.sparse_conv.Compressed(self.weight_shape, self.bits, self.values, self.offsets)
 
-    def dense_weight(self) -> torch.Tensor:
-        """W*M for the dense path, decompressed once and cached until the compressed buffers change
-        (the cache is not saved; on CPU — the reference path — it is what every forward uses)."""
-        key = (self.values.data_ptr(), self.values._version, self.bits.data_ptr(), self.bits._version)
-        cache = self.__dict__.get("_dense_cache")
-        if cache is None or cache[0] != key:
-            cache = (key, K.sparse_conv.decompress(self.compressed))
-            self.__dict__["_dense_cache"] = cache
-        return cache[1]
+    def refresh_dense(self) -> None:
+        """Rebuild the kept W*M from the compressed buffers (or drop it when ``keep_dense`` is False)."""
+        self.dense = K.sparse_conv.decompress(self.compressed) if self.keep_dense else None
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -258,6 +260,7 @@ class _SparseLayer(nn.Module):
                 setattr(self, k, torch.empty_like(state_dict[prefix + k], device=self.bits.device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        self.refresh_dense()
 
     def extra_repr(self) -> str:
         n, k = self.weight_shape[0], math.prod(self.weight_shape[1:])
@@ -266,24 +269,24 @@ class _SparseLayer(nn.Module):
 
 
 class SparseConv2d(_SparseLayer):
-    """conv2d with a compressed weight: the Triton sparse kernel where the dispatcher expects it to win,
-    otherwise cuDNN on the decompressed W*M (and always that on CPU)."""
+    """conv2d with a compressed weight: the Triton sparse kernel where the dispatcher measured it faster,
+    otherwise cuDNN on the kept W*M (and always that on CPU). See :class:`_SparseLayer` for ``keep_dense``."""
 
     def __init__(self, cw: K.sparse_conv.Compressed, bias: torch.Tensor | None, stride: tuple[int, int],
-                 padding: tuple[int, int], dilation: tuple[int, int], groups: int) -> None:
-        super().__init__(cw, bias)
+                 padding: tuple[int, int], dilation: tuple[int, int], groups: int, keep_dense: bool = True) -> None:
+        super().__init__(cw, bias, keep_dense)
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.sparse_conv2d(x, self.compressed, self.bias, self.stride, self.padding, self.dilation, self.groups,
-                                 dense_weight=self.dense_weight)
+                                 dense=self.dense)
 
 
 class SparseLinear(_SparseLayer):
     """linear with a compressed weight (see :class:`SparseConv2d`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.sparse_linear(x, self.compressed, self.bias, dense_weight=self.dense_weight)
+        return ops.sparse_linear(x, self.compressed, self.bias, dense=self.dense)
 
 
 def _conv_padding(m: nn.Conv2d) -> tuple[int, int]:
@@ -298,14 +301,21 @@ def _conv_padding(m: nn.Conv2d) -> tuple[int, int]:
     return tuple(m.padding)  # type: ignore[return-value]
 
 
-def extract_sparse(model: nn.Module) -> nn.Module:
+def extract_sparse(model: nn.Module, *, keep_dense: bool = True) -> nn.Module:
     """A copy of a split model whose conv2d / linear layers hold only their fit weights, compressed
     (bit mask + packed values + chunk offsets; ~58 % of dense bf16 at split rate 0.5).
 
     Its output equals the fit-only forward of ``model``; it saves and loads with state_dict (sizes
     are taken from the checkpoint after validation) and runs the Triton sparse kernels on CUDA. Raises
     ValueError, naming the layer, for layers it cannot reproduce: Conv1d, grouped convs, padding modes
-    other than zeros, and subclasses with a forward of their own (the sparse layer computes the torch op)."""
+    other than zeros, and subclasses with a forward of their own (the sparse layer computes the torch op).
+
+    ``keep_dense`` (default True) makes each layer keep its W*M, decompressed once here, for the
+    dispatcher's dense path (cuDNN / cuBLAS, and every layer on CPU): the model then holds the dense weights
+    too. False keeps only the compressed format and decompresses on every dense call (slower, smaller).
+    The dispatcher (``ke_fast.ops.sparse_conv2d``) times both paths on each layer's first call per input
+    shape; run one eager forward before ``torch.compile`` or CUDA-graph capture so they reuse those
+    decisions (see ``ops.save_sparse_decisions`` to keep them next to the model)."""
     layers = masked_layers(model)
     if not layers:
         raise ValueError("model has no masked layer: call ke_fast.split(model) first")
@@ -324,9 +334,10 @@ def extract_sparse(model: nn.Module) -> nn.Module:
             cw = K.sparse_conv.compress(m.weight.detach(), fit)
             bias = None if m.bias is None else m.bias.detach() * K.unpack_mask(m.bias_mask, m.bias.shape)
             if isinstance(m, nn.Conv2d):
-                new: nn.Module = SparseConv2d(cw, bias, tuple(m.stride), _conv_padding(m), tuple(m.dilation), m.groups)
+                new: nn.Module = SparseConv2d(cw, bias, tuple(m.stride), _conv_padding(m), tuple(m.dilation), m.groups,
+                                              keep_dense)
             else:
-                new = SparseLinear(cw, bias)
+                new = SparseLinear(cw, bias, keep_dense)
             new.train(m.training)
             parent, _, leaf = name.rpartition(".")
             setattr(sparse.get_submodule(parent) if parent else sparse, leaf, new)

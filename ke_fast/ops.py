@@ -24,7 +24,9 @@ where they could be built; ``cpp`` runs the reference for ops that have no C++ k
 """
 from __future__ import annotations
 
+import json
 import os
+import time
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -275,23 +277,162 @@ def _(x, bits, values, offsets, shape, bias):
     return x.new_empty((*x.shape[:-1], shape[0]))
 
 
-# The dispatcher: sparse (Triton, compressed weight) or dense (W*M + cuDNN/cuBLAS) per layer and batch.
-# The sparse kernel can only win where the layer is weight-bound: few GEMM rows (batch x output
-# pixels) against many weights. The thresholds below come from that roofline argument, NOT from GPU
-# measurements (none were available when they were set): re-derive them from
-# benchmarks/test_bench_sparse.py on a GPU. KE_FAST_SPARSE=auto|on|off overrides the rule.
-SPARSE_MAX_ROWS = 64
+# ---- the dispatcher: sparse (Triton, compressed weight) or dense (W*M + cuDNN/cuBLAS) ------------------
+# Decided per (layer signature, input shape, dtype, device) by timing both paths on first use (where Triton runs),
+# as Triton's autotuner does, and cached (ops.sparse_decisions / clear_ / save_ / load_sparse_decisions).
+# While torch.compile traces or a CUDA graph captures, nothing is timed: a cached decision, else the static
+# rule below. KE_FAST_SPARSE=auto|on|off overrides everything.
+SPARSE_MAX_ROWS = 64  # static rule (tracing without a cached decision): a roofline argument, not a measurement
 SPARSE_MAX_DENSITY = 0.7
+DECISIONS_FORMAT = 1
+_DECISIONS: dict[tuple, bool] = {}  # _decision_key(...) -> True (sparse) / False (dense)
 
 
-def use_sparse(rows: int, density: float, device: torch.device) -> bool:
-    """Whether a sparse layer with ``rows`` GEMM rows and this density runs the Triton sparse kernel."""
+def use_sparse(rows: int, density: float, device: torch.device, measure: Callable[[], bool] | None = None) -> bool:
+    """Whether a sparse layer with ``rows`` GEMM rows and this density runs the Triton sparse kernel.
+
+    ``KE_FAST_SPARSE=off`` or an implementation other than Triton: never; ``on``: always; ``auto`` (the
+    default): ``measure()`` when given (the dispatcher's cached or timed decision), else the static rule
+    ``rows <= SPARSE_MAX_ROWS and density <= SPARSE_MAX_DENSITY``."""
     want = os.environ.get("KE_FAST_SPARSE", "auto").lower()
     if want not in ("auto", "on", "off"):
         raise ValueError(f"KE_FAST_SPARSE must be auto, on or off, got {want!r}")
     if want == "off" or implementation(device.type) != "triton":
         return False
-    return want == "on" or (rows <= SPARSE_MAX_ROWS and density <= SPARSE_MAX_DENSITY)
+    if want == "on":
+        return True
+    return measure() if measure is not None else (rows <= SPARSE_MAX_ROWS and density <= SPARSE_MAX_DENSITY)
+
+
+def _tracing() -> bool:
+    """torch.compile is tracing or the current CUDA stream is capturing a graph: no timing, no sync."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def path_seconds(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds per call of ``fn`` after one warm-up call (which compiles a kernel on first use): Triton's
+    ``do_bench`` on CUDA (L2 flushed, a few ms of repetitions), the median of 5 calls elsewhere."""
+    fn()
+    if device.type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=5, rep=20) / 1e3
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[2]
+
+
+DecisionKey = tuple  # (op, weight shape, kept count, geometry, x shape, dtype, device, keeps W*M)
+
+
+def _decision_key(op: str, cw: kernels.sparse_conv.Compressed, x: torch.Tensor, keeps_dense: bool,
+                  geometry: tuple[int, ...] = ()) -> DecisionKey:
+    return (op, tuple(cw.shape), cw.values.numel(), geometry, tuple(x.shape), x.dtype, x.device, keeps_dense)
+
+
+def _key_str(key: DecisionKey) -> str:
+    op, shape, nnz, geometry, x_shape, dtype, device, keeps = key
+    return (f"{op}|w{'x'.join(map(str, shape))}|nnz{nnz}|g{','.join(map(str, geometry))}|x{'x'.join(map(str, x_shape))}"
+            f"|{str(dtype).replace('torch.', '')}|{device}|{'kept' if keeps else 'decompress'}")
+
+
+def _key_from_str(text: str) -> DecisionKey:
+    """Inverse of :func:`_key_str`; raises ValueError for anything else."""
+    parts = text.split("|")
+    ints = lambda v, sep: tuple(int(i) for i in v.split(sep) if i)  # noqa: E731
+    try:
+        if len(parts) != 8 or not isinstance(getattr(torch, parts[5], None), torch.dtype) \
+                or parts[7] not in ("kept", "decompress") or parts[0] not in ("conv2d", "linear"):
+            raise ValueError(text)
+        return (parts[0], ints(parts[1][1:], "x"), int(parts[2][3:]), ints(parts[3][1:], ","),
+                ints(parts[4][1:], "x"), getattr(torch, parts[5]), torch.device(parts[6]), parts[7] == "kept")
+    except (ValueError, RuntimeError):
+        raise ValueError(f"not a sparse decision key: {text!r}") from None
+
+
+def _decide(op: str, cw: kernels.sparse_conv.Compressed, x: torch.Tensor, dense: torch.Tensor | None,
+            geometry: tuple[int, ...], rows: int, density: float, run_sparse: Callable[[], object],
+            run_dense: Callable[[], object]) -> Callable[[], bool]:
+    """The dispatcher's ``measure`` for :func:`use_sparse` (called only where the Triton implementation runs):
+    the cached decision for this call's key; else, outside tracing and capture, time both paths and cache the
+    faster; while tracing, the static rule (not cached)."""
+
+    def measure() -> bool:
+        key = _decision_key(op, cw, x, dense is not None, geometry)
+        hit = _DECISIONS.get(key)
+        if hit is not None:
+            return hit
+        if _tracing():
+            return rows <= SPARSE_MAX_ROWS and density <= SPARSE_MAX_DENSITY
+        with torch.no_grad():
+            sparse = path_seconds(run_sparse, x.device) < path_seconds(run_dense, x.device)
+        _DECISIONS[key] = sparse
+        return sparse
+
+    return measure
+
+
+def sparse_decisions() -> dict[str, str]:
+    """The dispatcher's cached decisions: key -> ``"sparse"`` or ``"dense"``. A key names the op, the weight
+    shape and kept count, the conv geometry, the input shape, dtype and device, the implementation and
+    whether the layer keeps its W*M (``kept``) or decompresses per call (decisions are made only where the
+    Triton implementation runs)."""
+    return {_key_str(k): "sparse" if v else "dense" for k, v in _DECISIONS.items()}
+
+
+def clear_sparse_decisions() -> None:
+    """Forget every cached decision: the next call of each layer times both paths again."""
+    _DECISIONS.clear()
+
+
+def _device_names() -> dict[str, str]:
+    names = {"cpu": "cpu"}
+    if torch.cuda.is_available():
+        names.update({f"cuda:{i}": torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())})
+    return names
+
+
+def save_sparse_decisions(path: str | os.PathLike) -> None:
+    """Write the cached decisions to a JSON file (e.g. next to the model's checkpoint), with the name of
+    each device they were measured on."""
+    names = _device_names()
+    used = {str(k[6]) for k in _DECISIONS}
+    doc = {"format": DECISIONS_FORMAT, "devices": {d: names.get(d, d) for d in sorted(used)},
+           "decisions": sparse_decisions()}
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1, sort_keys=True)
+
+
+def load_sparse_decisions(path: str | os.PathLike) -> int:
+    """Add the decisions of a file written by :func:`save_sparse_decisions` to the cache; those measured on
+    a device whose name differs from this host's device of the same index are skipped (another GPU may
+    decide otherwise). Returns how many were loaded. Raises ValueError for a file of another format."""
+    with open(path) as f:
+        doc = json.load(f)
+    if not isinstance(doc, dict) or doc.get("format") != DECISIONS_FORMAT or not isinstance(doc.get("decisions"), dict):
+        raise ValueError(f"{path}: not a ke_fast sparse decisions file of format {DECISIONS_FORMAT}")
+    names, saved = _device_names(), doc.get("devices", {})
+    loaded = 0
+    decisions = {}
+    for text, choice in doc["decisions"].items():
+        try:
+            key = _key_from_str(text)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+        if choice not in ("sparse", "dense"):
+            raise ValueError(f"{path}: decision for {text!r} must be 'sparse' or 'dense', got {choice!r}")
+        decisions[key] = choice == "sparse"
+    for key, sparse in decisions.items():  # all checked first: a bad file adds nothing
+        device = str(key[6])
+        if names.get(device) is not None and names[device] == saved.get(device):
+            _DECISIONS[key] = sparse
+            loaded += 1
+    return loaded
 
 
 def conv_rows(x: torch.Tensor, cw: kernels.sparse_conv.Compressed, stride: int | Sequence[int],
@@ -301,27 +442,51 @@ def conv_rows(x: torch.Tensor, cw: kernels.sparse_conv.Compressed, stride: int |
     return size[0] * size[2] * size[3]
 
 
+def _as(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return t if t is None or t.dtype == dtype else t.to(dtype)  # no .to() call on the hot path when it is a no-op
+
+
+def _dense_of(cw: kernels.sparse_conv.Compressed, dense: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    return _as(dense if dense is not None else _sparse.decompress(cw), dtype)
+
+
 def sparse_conv2d(x: torch.Tensor, cw: kernels.sparse_conv.Compressed, bias: torch.Tensor | None = None,
                   stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0,
-                  dilation: int | Sequence[int] = 1, groups: int = 1,
-                  dense_weight: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
-    """conv2d with a compressed weight, sparse or dense as :func:`use_sparse` decides; ``dense_weight``
-    supplies W*M for the dense path (default: decompress on every call)."""
+                  dilation: int | Sequence[int] = 1, groups: int = 1, dense: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """conv2d with a compressed weight, on the sparse kernel or densely as the dispatcher decides (see
+    :func:`use_sparse`; in ``auto`` mode timed on the first call of each shape, then cached). ``dense`` is
+    the layer's kept W*M for the dense path (None: decompress on every dense call)."""
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     _sparse.check_conv_args(x, cw.shape, groups)
-    if use_sparse(conv_rows(x, cw, stride, padding, dilation), _sparse.density_of(cw), x.device):
+
+    def run_sparse():
         return torch.ops.ke_fast.sparse_conv2d.default(x, cw.bits, cw.values, cw.offsets, list(cw.shape), bias,
                                                        stride, padding, dilation, groups)
-    w = dense_weight() if dense_weight is not None else _sparse.decompress(cw)
-    return torch.nn.functional.conv2d(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype), stride, padding,
-                                      dilation, groups)
+
+    def run_dense():
+        return torch.nn.functional.conv2d(x, _dense_of(cw, dense, x.dtype), _as(bias, x.dtype), stride, padding,
+                                          dilation, groups)
+
+    rows, density = conv_rows(x, cw, stride, padding, dilation), _sparse.density_of(cw)
+    measure = _decide("conv2d", cw, x, dense, (*stride, *padding, *dilation, groups), rows, density, run_sparse,
+                      run_dense)
+    sparse = use_sparse(rows, density, x.device, measure)
+    return run_sparse() if sparse else run_dense()
 
 
 def sparse_linear(x: torch.Tensor, cw: kernels.sparse_conv.Compressed, bias: torch.Tensor | None = None,
-                  dense_weight: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
-    """linear with a compressed weight, sparse or dense as :func:`use_sparse` decides."""
+                  dense: torch.Tensor | None = None) -> torch.Tensor:
+    """linear with a compressed weight, sparse or dense as the dispatcher decides (see :func:`sparse_conv2d`)."""
     _sparse.check_linear_args(x, cw.shape)
-    if use_sparse(x.numel() // max(1, x.shape[-1]), _sparse.density_of(cw), x.device):
+
+    def run_sparse():
         return torch.ops.ke_fast.sparse_linear.default(x, cw.bits, cw.values, cw.offsets, list(cw.shape), bias)
-    w = dense_weight() if dense_weight is not None else _sparse.decompress(cw)
-    return torch.nn.functional.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    def run_dense():
+        return torch.nn.functional.linear(x, _dense_of(cw, dense, x.dtype), _as(bias, x.dtype))
+
+    rows, density = x.numel() // max(1, x.shape[-1]), _sparse.density_of(cw)
+    sparse = use_sparse(rows, density, x.device, _decide("linear", cw, x, dense, (), rows, density, run_sparse,
+                                                         run_dense))
+    return run_sparse() if sparse else run_dense()

@@ -62,6 +62,19 @@ def specs() -> list[tuple[str, object, dict, dict, dict]]:
         dw_sig = {k: v for k, v in sig.items() if k not in ("C", "IEEE", "UPCAST")}
         out.append((f"sparse_depthwise[{dt}]", sparse_conv._sparse_depthwise_kernel, dw_sig,
                     {"HAS_BIAS": True, "BLOCK_M": 64, "BLOCK_N": 64}, {"num_warps": 4}))
+    skinny_sig = {"out_ptr": None, "part_ptr": "*fp32", "count_ptr": "*i32", "x_ptr": None, "bits_ptr": "*i32",
+                  "vals_ptr": None, "offs_ptr": "*i64", "bias_ptr": None,
+                  **{a: "i32" for a in ("M", "N", "K", "T", "NCHUNK", "SPLIT_WORDS", "SPLIT_K", "H", "W", "C", "OH",
+                                        "OW", "KW", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w")},
+                  **{a: "constexpr" for a in ("HAS_BIAS", "ONE_ROW", "IEEE", "UPCAST", "BLOCK_M", "BLOCK_N")}}
+    for dt, ptr in _FLOATS.items():
+        for one_row in (True, False):
+            sig = {k: (ptr if v is None else v) for k, v in skinny_sig.items()}
+            out.append((f"sparse_skinny[{dt},{'1 row' if one_row else f'{sparse_conv.SKINNY_MAX_ROWS} rows'}]",
+                        sparse_conv._skinny_kernel, sig,
+                        {"HAS_BIAS": True, "ONE_ROW": one_row, "IEEE": dt == "fp32", "UPCAST": False,
+                         "BLOCK_M": 1 if one_row else sparse_conv.SKINNY_MAX_ROWS,
+                         "BLOCK_N": sparse_conv.SKINNY_BLOCK_N}, {"num_warps": sparse_conv.SKINNY_WARPS}))
     out.append(("wels_bits", bitmask._wels_bits_kernel,
                 {"out_ptr": "*i32", "numel": "i64", "seed": "i64", "stream": "i64", "threshold": "i32",
                  "BW": "constexpr"}, {"BW": bitmask.WELS_WORDS_PER_PROGRAM}, {}))

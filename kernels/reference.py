@@ -204,13 +204,26 @@ def reset_entries_(weights: list[torch.Tensor], words: list[torch.Tensor], table
         reset_tensor_(weights[i], words[i], seed & M64, stream, kind, scale)
 
 
+SPARSE_CHUNK = 256  # weights per chunk of a row in the compressed format (8 words)
+
+
+def chunk_major(rows: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> [C, N, 256]: the chunks of 256 columns (the last zero-padded), chunk-major — the order in
+    which the compressed format stores its kept values."""
+    n, k = rows.shape
+    c = max(1, -(-k // SPARSE_CHUNK))
+    return F.pad(rows, (0, c * SPARSE_CHUNK - k)).view(n, c, SPARSE_CHUNK).transpose(0, 1)
+
+
 def decompress(bits: torch.Tensor, values: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """The dense W*M of a compressed sparse weight (``kernels.sparse_conv`` format) in its layout ``shape``."""
+    """The dense W*M of a compressed sparse weight (``kernels.sparse_conv`` format: values chunk-major) in its
+    layout ``shape``."""
     n, k = shape[0], math.prod(shape[1:])
     t = bits.shape[1]
     keep = unpack_mask(bits.reshape(-1), n * t * 32).view(n, t * 32)[:, :k]
-    dense = torch.zeros(n, k, dtype=values.dtype, device=values.device)
-    dense[keep] = values
+    chunks = torch.zeros(chunk_major(keep).shape, dtype=values.dtype, device=values.device)
+    chunks[chunk_major(keep)] = values
+    dense = chunks.transpose(0, 1).reshape(n, -1)[:, :k].contiguous()
     if len(shape) == 4:
         _, c, r, s = shape
         return dense.view(n, r, s, c).permute(0, 3, 1, 2).contiguous()

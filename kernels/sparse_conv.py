@@ -7,13 +7,19 @@ Compressed format (one layer, :class:`Compressed`):
   ``[N, C, R, S]`` is permuted to ``[N, R, S, C]`` first (a linear weight ``[N, K]`` is already there).
 * ``bits``: int32 ``[N, T]``, ``T = ceil(K / 32)``; bit b of word (n, t) keeps element ``k = 32 t + b``
   of row n. Rows start on a word boundary (unlike the flat mask format) so a K-tile of 32 is one word.
-* ``values``: the kept values, row by row, k ascending (``nnz`` of them, fp32 / fp16 / bf16).
-* ``offsets``: int64 ``[N, ceil(T / 8)]``, the index in ``values`` of the first kept value of row n at
-  word ``8 c``: a tile decodes from its chunk's offset plus popcounts of at most 7 earlier words,
-  never scanning its row.
+* ``values``: the kept values (``nnz`` of them, fp32 / fp16 / bf16) *chunk-major*: a chunk is 8 words
+  (256 k) of a row; chunk 0 of rows 0..N-1, then chunk 1 of rows 0..N-1, ...; within a chunk of a row k
+  ascending. So the values a program reads for a block of consecutive rows in one chunk are one contiguous
+  run, whatever its block size.
+* ``offsets``: int64 ``[N, ceil(T / 8)]``, the index in ``values`` of the first kept value of (row n,
+  chunk c): a tile decodes from its chunk's offset plus popcounts of at most 7 earlier words of the row,
+  never scanning its row. (With one chunk per row, K <= 256, the order is simply row by row.)
 
 Memory: ``s*bits + 1 + 0.25`` bits per weight, i.e. 57.8 % of dense bf16 at s = 0.5.
 A weight tile ``[32, BLOCK_N]`` is decoded as ``value = bit ? values[offset + popcount(word & (2^b - 1))] : 0``.
+
+Kernels: the tiled implicit GEMM (``tl.dot``, autotuned), depthwise, and for at most ``SKINNY_MAX_ROWS`` GEMM
+rows the split-K skinny kernel (batch-1 linears, small late convs): the launchers pick by rows.
 """
 from __future__ import annotations
 
@@ -76,10 +82,13 @@ class Compressed:
 
 
 def _chunk_offsets(counts: torch.Tensor) -> torch.Tensor:
+    """offsets [N, C] from the per-word popcounts [N, T]: exclusive prefix in chunk-major order."""
     n, t = counts.shape
-    flat = counts.reshape(-1)
-    start = torch.cumsum(flat, 0) - flat  # exclusive prefix over the whole row-major array
-    return start.view(n, t)[:, ::CHUNK_WORDS].contiguous()
+    chunks = triton.cdiv(t, CHUNK_WORDS)
+    per_chunk = torch.nn.functional.pad(counts, (0, chunks * CHUNK_WORDS - t)).view(n, chunks, CHUNK_WORDS).sum(-1)
+    flat = per_chunk.t().reshape(-1)  # chunk-major: (c, n)
+    start = torch.cumsum(flat, 0) - flat
+    return start.view(chunks, n).t().contiguous()
 
 
 def gemm_order(w: torch.Tensor) -> torch.Tensor:
@@ -100,7 +109,8 @@ def compress(weight: torch.Tensor, mask: torch.Tensor) -> Compressed:
     padded = torch.zeros(n, t * 32, dtype=torch.bool, device=mask.device)
     padded[:, :k] = m2
     bits = pack_mask(padded).view(n, t)
-    return Compressed(tuple(weight.shape), bits, w2[m2].contiguous(), _chunk_offsets(word_popcounts(bits)))
+    values = reference.chunk_major(w2)[reference.chunk_major(m2)]
+    return Compressed(tuple(weight.shape), bits, values.contiguous(), _chunk_offsets(word_popcounts(bits)))
 
 
 def decompress(cw: Compressed) -> torch.Tensor:
@@ -242,6 +252,131 @@ _dw_tuned = triton.autotune(configs=[triton.Config({"BLOCK_M": 64, "BLOCK_N": 64
                             if not backend.interpreting() else _configs(), key=["M", "N", "K"])(_sparse_depthwise_kernel)
 
 
+# ---- skinny GEMM: few rows (batch-1 linears, late convs), split-K ----------------------------------
+
+SKINNY_MAX_ROWS = 16  # GEMM rows up to which the Triton launchers run the split-K kernel below
+SKINNY_BLOCK_N = 64
+SKINNY_WARPS = 4
+SKINNY_PROGRAMS_PER_SM = 4
+
+
+@triton.jit
+def _skinny_kernel(out_ptr, part_ptr, count_ptr, x_ptr, bits_ptr, vals_ptr, offs_ptr, bias_ptr,
+                   M, N, K, T, NCHUNK, SPLIT_WORDS, SPLIT_K, H, W, C, OH, OW, KW,
+                   stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                   HAS_BIAS: tl.constexpr, ONE_ROW: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[m, n] = sum_k x_im2col[m, k] * W[n, k] (+ bias[n]) for M <= BLOCK_M rows, split over K.
+
+    Grid (cdiv(N, BLOCK_N), SPLIT_K): program (j, s) reduces words [s * SPLIT_WORDS, (s + 1) * SPLIT_WORDS)
+    of output tile j (SPLIT_WORDS is a multiple of 8: whole chunks, each read as one contiguous run of
+    ``values`` from its ``offsets`` entry) into part_ptr[s] (fp32 [SPLIT_K, M, N]) and takes a ticket from
+    count_ptr[j] (int32, zero before the launch); the program that draws the last ticket sums the SPLIT_K
+    partials in split order (deterministic), adds the bias and stores ``out``. SPLIT_K = 1 stores at once
+    (part/count unused). ONE_ROW (M = 1): FMAs into a [32, BLOCK_N] accumulator, reduced once at the end;
+    otherwise tl.dot on a [BLOCK_M, 32] x [32, BLOCK_N] step. The next word of the bit mask is loaded while
+    the current one decodes. Addressing as in :func:`_sparse_conv_kernel` (a linear layer: H = W = OH = OW =
+    KW = 1, C = K)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    m = tl.arange(0, BLOCK_M)
+    m_ok = m < M
+    b, oh, ow = m // (OH * OW), (m // OW) % OH, m % OW
+    t0 = pid_k * SPLIT_WORDS
+    t1 = tl.minimum(t0 + SPLIT_WORDS, T)
+    if ONE_ROW:
+        acc2 = tl.zeros([32, BLOCK_N], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    running = tl.zeros([BLOCK_N], dtype=tl.int32)  # seeded from offsets at each chunk start (t0 is one)
+    word = tl.load(bits_ptr + n * T + t0, mask=n_ok, other=0).to(tl.uint32, bitcast=True)  # t0 < T: no split is empty
+    kk = tl.arange(0, 32).to(tl.uint32)[:, None]
+    low = (tl.full([32, 1], 1, tl.uint32) << kk) - 1
+    for t in range(t0, t1):
+        # prefetch the next word (the last step reloads its own: no out-of-split read)
+        nxt = tl.load(bits_ptr + n * T + tl.minimum(t + 1, t1 - 1), mask=n_ok, other=0).to(tl.uint32, bitcast=True)
+        seed = tl.load(offs_ptr + n * NCHUNK + t // 8, mask=n_ok & (t % 8 == 0), other=0).to(tl.int32)
+        running = tl.where(t % 8 == 0, seed, running)
+        keep = ((word[None, :] >> kk) & 1) != 0
+        idx = running[None, :] + _popc(word[None, :] & low).to(tl.int32)
+        wt = tl.load(vals_ptr + idx, mask=keep & n_ok[None, :], other=0.0)
+        running += _popc(word).to(tl.int32)
+        word = nxt
+        k = t * 32 + tl.arange(0, 32)
+        c = k % C
+        rs = k // C
+        if ONE_ROW:  # row 0: b = oh = ow = 0
+            ih1 = (rs // KW) * dil_h - pad_h
+            iw1 = (rs % KW) * dil_w - pad_w
+            ok1 = (k < K) & (ih1 >= 0) & (ih1 < H) & (iw1 >= 0) & (iw1 < W)
+            a1 = tl.load(x_ptr + (ih1 * W + iw1) * C + c, mask=ok1, other=0.0)
+            acc2 += a1.to(tl.float32)[:, None] * wt.to(tl.float32)
+        else:
+            ih = oh[:, None] * stride_h - pad_h + (rs // KW)[None, :] * dil_h
+            iw = ow[:, None] * stride_w - pad_w + (rs % KW)[None, :] * dil_w
+            ok = m_ok[:, None] & (k < K)[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a = tl.load(x_ptr + ((b[:, None] * H + ih) * W + iw) * C + c[None, :], mask=ok, other=0.0)
+            if UPCAST:
+                acc = tl.dot(a.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
+            elif IEEE:
+                acc = tl.dot(a, wt.to(a.dtype), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, wt.to(a.dtype), acc)
+    if ONE_ROW:
+        acc = tl.sum(acc2, axis=0)[None, :]  # BLOCK_M = 1
+    tile_ok = m_ok[:, None] & n_ok[None, :]
+    if SPLIT_K == 1:
+        _store_tile(out_ptr, acc, bias_ptr, m, n, m_ok, n_ok, N, HAS_BIAS)
+    else:
+        tl.store(part_ptr + (pid_k * M + m[:, None]) * N + n[None, :], acc, mask=tile_ok)
+        tl.debug_barrier()  # every thread's partial is written before the ticket is taken
+        ticket = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
+        if ticket == SPLIT_K - 1:
+            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for s in range(0, SPLIT_K):
+                total += tl.load(part_ptr + (s * M + m[:, None]) * N + n[None, :], mask=tile_ok, other=0.0,
+                                 cache_modifier=".cg")
+            _store_tile(out_ptr, total, bias_ptr, m, n, m_ok, n_ok, N, HAS_BIAS)
+
+
+def _sm_count(device: torch.device) -> int:
+    # the interpreter has no SMs: a nominal 2, so the tests' small shapes still split
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+
+
+def skinny_split(n: int, t: int, device: torch.device, split_k: int | None = None) -> tuple[int, int]:
+    """(SPLIT_K, words per split) of the skinny kernel for N outputs and T mask words per row: enough splits
+    for about SKINNY_PROGRAMS_PER_SM programs per SM, each a whole number of 8-word chunks. ``split_k`` asks for
+    a number of splits (rounded to whole chunks; tests use it)."""
+    chunks = max(1, triton.cdiv(t, CHUNK_WORDS))
+    if split_k is None:
+        split_k = triton.cdiv(SKINNY_PROGRAMS_PER_SM * _sm_count(device), triton.cdiv(n, SKINNY_BLOCK_N))
+    words = triton.cdiv(chunks, max(1, min(split_k, chunks))) * CHUNK_WORDS
+    return triton.cdiv(max(t, 1), words), words
+
+
+def _skinny_launch(out: torch.Tensor, x: torch.Tensor, bits: torch.Tensor, vals: torch.Tensor,
+                   offsets: torch.Tensor, bias: torch.Tensor | None, m: int, n_out: int, k: int,
+                   geometry: Sequence[int], split_k: int | None) -> None:
+    """Launch :func:`_skinny_kernel` on ``out`` [m, n_out] (m <= SKINNY_MAX_ROWS); ``geometry`` is
+    (H, W, C, OH, OW, KW, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w)."""
+    t = bits.shape[1]
+    splits, words = skinny_split(n_out, t, x.device, split_k)
+    tiles = triton.cdiv(n_out, SKINNY_BLOCK_N)
+    # fresh zero counters per launch (a memset); one unused element each when nothing is split (no null pointer)
+    part = torch.empty((splits, m, n_out) if splits > 1 else (1,), dtype=torch.float32, device=x.device)
+    count = (torch.zeros if splits > 1 else torch.empty)(tiles if splits > 1 else 1, dtype=torch.int32,
+                                                         device=x.device)
+    _skinny_kernel[(tiles, splits)](out, part, count, x, bits, vals, offsets, vals if bias is None else bias,
+                                    m, n_out, k, t, offsets.shape[1], words, splits, *geometry,
+                                    HAS_BIAS=bias is not None, ONE_ROW=m == 1, IEEE=x.dtype == torch.float32,
+                                    UPCAST=_upcast(x.dtype), BLOCK_M=1 if m == 1 else SKINNY_MAX_ROWS,
+                                    BLOCK_N=SKINNY_BLOCK_N,
+                                    num_warps=SKINNY_WARPS)
+
+
 class _Fixed:
     """A kernel launched with one config, no autotuning: ``_Fixed(kernel, cfg)[grid](*args, **constexprs)``."""
 
@@ -313,11 +448,14 @@ def check_linear_args(x: torch.Tensor, shape: Sequence[int]) -> None:
 
 def sparse_conv2d(x: torch.Tensor, bits: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
                   shape: Sequence[int], bias: torch.Tensor | None, stride: Sequence[int], padding: Sequence[int],
-                  dilation: Sequence[int], groups: int, *, config: triton.Config | None = None) -> torch.Tensor:
+                  dilation: Sequence[int], groups: int, *, config: triton.Config | None = None,
+                  split_k: int | None = None) -> torch.Tensor:
     """Triton: conv2d of NCHW ``x`` (any memory format) with a compressed weight (groups 1 or depthwise).
 
-    Arguments validated by :func:`check_conv_args`; stride/padding/dilation are pairs; ``config`` forces
-    one of :func:`gpu_configs` (groups=1). Returns NCHW values in channels_last memory (the kernels compute
+    Arguments validated by :func:`check_conv_args`; stride/padding/dilation are pairs. With groups = 1, up to
+    :data:`SKINNY_MAX_ROWS` GEMM rows (batch x output pixels) run the split-K skinny kernel (``split_k``
+    forces its number of splits), more rows the tiled kernel (``config`` forces one of :func:`gpu_configs`
+    and the tiled kernel at any size). Returns NCHW values in channels_last memory (the kernels compute
     NHWC), as every implementation of the op does."""
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     bsz, n_out, oh, ow = conv_out_size(x.shape, shape, stride, padding, dilation)
@@ -334,7 +472,10 @@ def sparse_conv2d(x: torch.Tensor, bits: torch.Tensor, values: torch.Tensor, off
     b_arg = bias.to(x.dtype) if bias is not None else vals
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n_out, meta["BLOCK_N"]))  # noqa: E731
     if out.numel():
-        if groups == 1:
+        if groups == 1 and config is None and m <= SKINNY_MAX_ROWS:
+            _skinny_launch(out, xh, bits, vals, offsets, b_arg if bias is not None else None, m, n_out, k,
+                           (h, w, c, oh, ow, s, sh, sw, ph, pw, dh, dw), split_k)
+        elif groups == 1:
             _conv_launcher(x.dtype, config)[grid](out, xh, bits, vals, offsets, b_arg, m, n_out, k, t,
                                                   offsets.shape[1], h, w, c, oh, ow, s, sh, sw, ph, pw, dh, dw,
                                                   HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
@@ -346,10 +487,11 @@ def sparse_conv2d(x: torch.Tensor, bits: torch.Tensor, values: torch.Tensor, off
 
 
 def sparse_linear(x: torch.Tensor, bits: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
-                  shape: Sequence[int], bias: torch.Tensor | None, *, config: triton.Config | None = None
-                  ) -> torch.Tensor:
+                  shape: Sequence[int], bias: torch.Tensor | None, *, config: triton.Config | None = None,
+                  split_k: int | None = None) -> torch.Tensor:
     """Triton: ``x @ (W*M).T + bias`` with a compressed [N, K] weight; x is [..., K] (validated by
-    :func:`check_linear_args`); ``config`` as in :func:`sparse_conv2d`. Returns a contiguous [..., N] tensor."""
+    :func:`check_linear_args`); ``config`` / ``split_k`` and the kernel choice by rows as in
+    :func:`sparse_conv2d`. Returns a contiguous [..., N] tensor."""
     n_out, k = shape
     if _too_big(x.numel(), values.numel(), x.numel() // max(k, 1) * n_out):
         return reference.sparse_linear(x, bits, values, offsets, shape, bias)
@@ -359,7 +501,10 @@ def sparse_linear(x: torch.Tensor, bits: torch.Tensor, values: torch.Tensor, off
     vals = values if values.dtype == x.dtype else values.to(x.dtype)
     b_arg = bias.to(x.dtype) if bias is not None else vals
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n_out, meta["BLOCK_N"]))  # noqa: E731
-    if out.numel():
+    if out.numel() and config is None and m <= SKINNY_MAX_ROWS:
+        _skinny_launch(out, x2, bits, vals, offsets, b_arg if bias is not None else None, m, n_out, k,
+                       (1, 1, k, 1, 1, 1, 1, 1, 0, 0, 1, 1), split_k)
+    elif out.numel():
         _conv_launcher(x.dtype, config)[grid](out, x2, bits, vals, offsets, b_arg, m, n_out, k, bits.shape[1],
                                       offsets.shape[1], 1, 1, k, 1, 1, 1, 1, 1, 0, 0, 1, 1,
                                       HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,

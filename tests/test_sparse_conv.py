@@ -137,6 +137,56 @@ def test_sparse_linear_matches_reference(impl, case, dtype):
     _check(linear(x, cw, b), ref, dtype)
 
 
+# ---- the skinny (split-K) kernel: up to SKINNY_MAX_ROWS GEMM rows ----------------------------------
+
+def _skinny_cases():
+    """Every (rows, density) pair once; dtype and number of K splits cycle so each appears with every row count.
+    N = 77 spans two 64-wide output tiles, K = 283 two 8-word chunks (so up to two splits: 3 asks for more)."""
+    out = []
+    for i, rows in enumerate((1, 3, 8, 16)):
+        for j, density in enumerate((0.0, 0.1, 0.3, 0.5, 1.0)):
+            dtype = DTYPES[(i + j) % 3]
+            split = (None, 1, 3)[(i + 2 * j) % 3]
+            out.append(pytest.param(rows, density, dtype, split, id=f"rows{rows}-dens{density}-{str(dtype)[6:]}-"
+                                                                     f"split{split}"))
+    return out
+
+
+@pytest.mark.skipif(not any(p[0] == "triton" for p in SPARSE_PAIRS), reason="Triton needs CUDA or the interpreter")
+@pytest.mark.parametrize("rows,density,dtype,split_k", _skinny_cases())
+def test_skinny_linear_matches_reference(rows, density, dtype, split_k):
+    assert rows <= sc.SKINNY_MAX_ROWS
+    x, w, m, b = _data(rows * 31 + int(density * 10), (rows, 283), (77, 283), density, dtype, rows % 2 == 1)
+    cw = sc.compress(w, m).validate()
+    out = sc.sparse_linear(x, cw.bits, cw.values, cw.offsets, list(cw.shape), b, split_k=split_k)
+    _check(out, F.linear(x.double(), w.double() * m, None if b is None else b.double()), dtype)
+
+
+def test_skinny_split_is_whole_chunks():
+    dev = torch.device("cpu")
+    for n, t, want in ((77, 17, None), (77, 17, 3), (77, 17, 2), (4096, 128, None), (5, 1, 8), (5, 300, 1000)):
+        splits, words = sc.skinny_split(n, t, dev, want)
+        assert words % sc.CHUNK_WORDS == 0 and 1 <= splits and (splits - 1) * words < t <= splits * words
+        if want is not None:
+            assert splits <= max(want, 1)
+
+
+@pytest.mark.skipif(not any(p[0] == "triton" for p in SPARSE_PAIRS), reason="Triton needs CUDA or the interpreter")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hw,stride,padding", [((7, 5), (2, 1), (1, 0)), ((2, 2), (2, 2), (1, 1))],
+                         ids=["12rows", "1row-padded"])
+def test_skinny_conv_matches_reference(dtype, hw, stride, padding):
+    """Batch-1 convs the skinny kernel runs: 4x3 = 12 output pixels, and one output pixel whose window reaches
+    into the padding (the one-row FMA path); K = 17*9 = 153."""
+    x, w, m, b = _data(5, (1, 17, *hw), (19, 17, 3, 3), 0.3, dtype, True)
+    cw = sc.compress(w, m)
+    out = sc.sparse_conv2d(x, cw.bits, cw.values, cw.offsets, list(cw.shape), b, list(stride), list(padding),
+                           [1, 1], 1, split_k=1)
+    ref = F.conv2d(x.double(), w.double() * m, b.double(), stride, padding)
+    assert ref.shape[2] * ref.shape[3] <= sc.SKINNY_MAX_ROWS
+    _check(out, ref, dtype)
+
+
 # ---- the compressed format -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -152,6 +202,18 @@ def test_compress_decompress_round_trip(shape, dtype, density):
     assert back.dtype == dtype and back.shape == w.shape
     assert torch.equal(back, w * m)
     assert sc.density_of(cw) == pytest.approx(float(m.float().mean()))
+
+
+def test_values_are_chunk_major():
+    """A block of consecutive rows reads one contiguous run of values per 256-wide chunk: rows a..b-1 of chunk c
+    are values[offsets[a, c]:offsets[b, c]], their kept weights in (row, k) order."""
+    _, w, m, _ = _data(2, (1,), (7, 600), 0.4, torch.float32, False)  # 3 chunks, the last one partial
+    cw = sc.compress(w, m).validate()
+    for c in range(3):
+        cols = slice(256 * c, min(256 * (c + 1), 600))
+        for a, b in ((0, 7), (2, 5)):
+            end = cw.offsets[b, c] if b < 7 else (cw.offsets[0, c + 1] if c < 2 else cw.values.numel())
+            assert torch.equal(cw.values[cw.offsets[a, c]:end], w[a:b, cols][m[a:b, cols]])
 
 
 def _valid():

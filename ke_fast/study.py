@@ -70,8 +70,10 @@ def remove_study(out: str | Path) -> list[Path]:
     removed = study_files(out)
     for f in removed:
         f.unlink()
-    for d in sorted({f.parent for f in removed}, key=lambda p: len(p.parts), reverse=True):
-        if d != Path(out) and d.is_dir() and not any(d.iterdir()):
+    out = Path(out)
+    folders = {d for f in removed for d in f.parents if d != out and out in d.parents}  # seed-n/, seed-n/baseline/
+    for d in sorted(folders, key=lambda p: len(p.parts), reverse=True):  # the deepest first
+        if not any(d.iterdir()):
             d.rmdir()
     return removed
 

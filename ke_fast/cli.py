@@ -62,7 +62,8 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     # several seeds and the compute-matched baseline (ke_fast.study)
     seeding = r.add_mutually_exclusive_group()
     seeding.add_argument("--seed", type=int, default=None,
-                         help=f"run seed, 0 .. 2^64-1: data split and order, weights, masks and resets (default: {d.seed})")
+                         help=f"run seed, 0 .. 2^64-1: data split and order, weights, masks and resets "
+                              f"(default: {d.seed})")
     seeding.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
                          help="run the same configuration once per seed, one after another, into OUT/seed-<n>/ (each "
                               "a run folder of its own) and write OUT/summary.json, results.md and plot.png: per "
@@ -358,7 +359,7 @@ def _run_study(args: argparse.Namespace, device: str) -> int:
         if rank == 0:
             print(f"KE {args.split.upper()} {args.split_rate} | {args.model} | {args.dataset} | {args.generations} "
                   f"generations x {args.epochs} epochs | seeds {' '.join(map(str, seeds))}"
-                  + (f" | {args.baseline} baseline" if args.baseline else ""))
+                  + (f" | {args.baseline} baseline" if args.baseline else "") + f" | {device}")
             if args.overwrite:
                 removed = remove_study(args.out)
                 if removed:

@@ -125,7 +125,7 @@ def results_markdown(summary: Mapping[str, Any]) -> str:
              "",
              f"{g} generations x {e} epochs, lr {cfg['lr']}, batch {cfg['batch_size']}, warm-up {cfg['warmup_epochs']} "
              f"epochs, evolve mode {cfg['evolve_mode']}" + (f"; {setup}" if setup else "") + ".",
-             f"Test top-1 (%), mean ± sample standard deviation over the seeds (ddof=1; n/a with one seed).",
+             "Test top-1 (%), mean ± sample standard deviation over the seeds (ddof=1; n/a with one seed).",
              "", "| generation | dense N_g | fit H^F_g |", "|---:|---:|---:|"]
     lines += [f"| {r['generation']} | {_pct(r['dense_acc'])} | {_pct(r['fit_acc'])} |" for r in summary["generations"]]
     if base is not None:

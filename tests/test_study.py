@@ -236,7 +236,8 @@ def test_one_seed_and_overwrite(tmp_path, capsys):
 
 
 def test_aggregate_by_hand():
-    histories = {3: [dict(generation=1, dense_acc=0.5, fit_acc=0.1)], 7: [dict(generation=1, dense_acc=0.7, fit_acc=0.3)]}
+    histories = {3: [dict(generation=1, dense_acc=0.5, fit_acc=0.1)],
+                 7: [dict(generation=1, dense_acc=0.7, fit_acc=0.3)]}
     s = aggregate(histories, {3: dict(dense_acc=0.6, fit_acc=0.6), 7: dict(dense_acc=0.8, fit_acc=0.8)})
     assert s["seeds"] == [3, 7]
     assert s["generations"][0]["dense_acc"] == dict(mean=pytest.approx(0.6), std=pytest.approx(0.2 / 2 ** 0.5),

@@ -137,12 +137,11 @@ def test_seeds_differ_and_a_repeat_is_identical(study, tmp_path):
     for s in SEEDS:
         ke, base = rec.initial[out / f"seed-{s}"], rec.initial[out / f"seed-{s}" / "baseline"]
         assert all(torch.equal(ke[k], base[k]) for k in ke if not k.endswith("fit_mask"))
-    # the same study again: identical results, file for file (the timings in history.csv aside)
+    # a seed again: identical weights and histories (the timings aside); the resume test below repeats the
+    # whole study and compares summary.json byte for byte
     again = tmp_path / "again"
-    _study(again).run()
-    for name in ("summary.json", "results.md"):
-        assert (again / name).read_bytes() == (out / name).read_bytes(), name
-    for s in SEEDS:
+    _study(again, seeds=[1]).run()
+    for s in (1,):
         for sub in (f"seed-{s}", f"seed-{s}/baseline"):
             a, b = load_checkpoint(out / sub / "last.pt"), load_checkpoint(again / sub / "last.pt")
             assert a["model"].keys() == b["model"].keys()

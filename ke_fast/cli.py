@@ -11,10 +11,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import Dataset
 
 from .data import DIGITS_MAX_PER_CLASS, DataError, digits, image_folder
 from .evolve import CHECKPOINTS, RUN_FILES, CheckpointError, Config, Evolution, init_process_group
 from .models import build_model
+from .study import BASELINES, Study, baseline_dir, remove_study, results_markdown, seed_dir, study_files
 
 RESNETS = ("resnet18", "resnet50")  # the models --width applies to
 
@@ -57,8 +59,20 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     r.add_argument("--batch-size", type=int, default=d.batch_size, help="batch size (per process under torchrun)")
     r.add_argument("--lr", type=float, default=d.lr, help="peak learning rate of SGD (cosine schedule, warm-up)")
     r.add_argument("--weight-decay", type=float, default=d.weight_decay, help="SGD weight decay, >= 0")
-    r.add_argument("--seed", type=int, default=d.seed,
-                   help="run seed, 0 .. 2^64-1: data split and order, weights, masks and resets")
+    # several seeds and the compute-matched baseline (ke_fast.study)
+    seeding = r.add_mutually_exclusive_group()
+    seeding.add_argument("--seed", type=int, default=None,
+                         help=f"run seed, 0 .. 2^64-1: data split and order, weights, masks and resets "
+                              f"(default: {d.seed})")
+    seeding.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                         help="run the same configuration once per seed, one after another, into OUT/seed-<n>/ (each "
+                              "a run folder of its own) and write OUT/summary.json, results.md and plot.png: per "
+                              "generation the mean and sample std (ddof=1) over the seeds (default: one run, --seed)")
+    r.add_argument("--baseline", choices=BASELINES, default=None,
+                   help="long: per seed, also train the same model densely (no split, no reset) for generations x "
+                        "epochs epochs in one schedule (same lr, warm-up, batch size, data, seed) into "
+                        "OUT/seed-<n>/baseline/, reported beside KE's last generation; writes the --seeds layout "
+                        "(with --seed: that one seed) (default: none)")
     r.add_argument("--evolve-mode", choices=["rand", "zero", "rewind"], default=d.evolve_mode,
                    help="reset weights between generations: rand = re-drawn, zero = zeroed, rewind = back to "
                         "their generation-0 values")
@@ -110,8 +124,13 @@ def _check(r: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         r.error(f"--lr must be a finite number > 0, got {args.lr}")
     if not (args.weight_decay >= 0 and math.isfinite(args.weight_decay)):
         r.error(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
-    if not 0 <= args.seed < 2 ** 64:
-        r.error(f"--seed must be in 0 .. 2^64-1, got {args.seed}")
+    if args.seed is None and args.seeds is None:
+        args.seed = Config().seed
+    for seed in args.seeds or [args.seed]:
+        if not 0 <= seed < 2 ** 64:
+            r.error(f"--seed{'s' if args.seeds else ''} must be in 0 .. 2^64-1, got {seed}")
+    if args.seeds and len(set(args.seeds)) != len(args.seeds):
+        r.error(f"--seeds must be distinct, got {' '.join(map(str, args.seeds))}")
     _check_out(r, args)
 
 
@@ -127,6 +146,9 @@ def _check_out(r: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         tempfile.TemporaryFile(dir=parent).close()
     except OSError as exc:
         r.error(f"--out {args.out!r}: cannot write into {str(parent)!r} ({exc.strerror or exc})")
+    if _study_seeds(args) is not None:
+        _check_study_out(r, args, out)
+        return
     found = [name for name in RUN_FILES if (out / name).exists()]
     if found and not (args.resume or args.overwrite):
         r.error(f"--out {args.out!r} holds a run ({', '.join(found)}): continue it with --resume, or start "
@@ -134,6 +156,35 @@ def _check_out(r: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.resume and found and not any(name in found for name in CHECKPOINTS):
         r.error(f"--resume: --out {args.out!r} holds {', '.join(found)} but no checkpoint ({' / '.join(CHECKPOINTS)}) "
                 f"to resume from; start afresh with --overwrite")
+
+
+def _study_seeds(args: argparse.Namespace) -> list[int] | None:
+    """The seeds of a study (--seeds, or --seed with --baseline), None for a single run."""
+    if args.seeds is None and args.baseline is None:
+        return None
+    return args.seeds or [args.seed]
+
+
+def _check_study_out(r: argparse.ArgumentParser, args: argparse.Namespace, out: Path) -> None:
+    """A study's OUT: no run or study files anywhere in it (OUT, seed-*/, seed-*/baseline/) unless --resume /
+    --overwrite; --resume refuses a single run in OUT and a seed folder with files but no checkpoint."""
+    found = study_files(out)
+    if found and not (args.resume or args.overwrite):
+        names = ", ".join(str(f.relative_to(out)) for f in found[:6]) + (", ..." if len(found) > 6 else "")
+        r.error(f"--out {args.out!r} holds a run ({names}): continue it with --resume, or start afresh and replace "
+                f"it with --overwrite")
+    if not args.resume:
+        return
+    single = [name for name in CHECKPOINTS if (out / name).exists()]
+    if single:
+        r.error(f"--resume: --out {args.out!r} holds a single run ({', '.join(single)}), not the seed-<n>/ folders "
+                f"of --seeds / --baseline; use another --out, or replace it with --overwrite")
+    for seed in _study_seeds(args):
+        for folder in (seed_dir(out, seed), baseline_dir(out, seed)):
+            files = [name for name in RUN_FILES if (folder / name).exists()]
+            if files and not any(name in files for name in CHECKPOINTS):
+                r.error(f"--resume: {str(folder)!r} holds {', '.join(files)} but no checkpoint "
+                        f"({' / '.join(CHECKPOINTS)}) to resume from; start afresh with --overwrite")
 
 
 def resolve_device(device: str | None, cuda_available: bool, device_count: int, local_rank: int = 0,
@@ -218,40 +269,57 @@ def _resume_command(args: argparse.Namespace) -> str:
         if dest in ("command", "out", "resume", "overwrite") or value is None or value is False \
                 or value == r.get_default(dest):  # "is": a value 0 equals False
             continue
-        words += [f"--{dest.replace('_', '-')}"] + ([] if value is True else [str(value)])
+        words += [f"--{dest.replace('_', '-')}"] + ([] if value is True else list(map(str, value))
+                                                    if isinstance(value, list) else [str(value)])
     return shlex.join([*words, "--out", args.out, "--resume"])
+
+
+def _config(args: argparse.Namespace, seed: int) -> Config:
+    """The run's Config from the checked arguments."""
+    return Config(split=args.split, split_rate=args.split_rate, generations=args.generations, epochs=args.epochs,
+                  batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=seed,
+                  evolve_mode=args.evolve_mode, reset_bn=args.reset_bn, resample_mask=args.resample_mask,
+                  amp=False if args.no_amp else None)
+
+
+def _identity(args: argparse.Namespace) -> dict:
+    """The flags that choose data and model: a resume with other ones is refused (with the data's and the
+    architecture's fingerprints, which Evolution adds)."""
+    return {"--dataset": args.dataset, "--model": args.model, "--per-class": args.per_class,
+            "--image-size": args.image_size, "--width": args.width}
+
+
+def _data_and_model(args: argparse.Namespace, seed: int) -> tuple[torch.nn.Module, Dataset, Dataset]:
+    """The unsplit model and (train, test) of one seed (the digits split depends on it); raises DataError."""
+    if args.dataset == "digits":
+        train, test, classes, channels = digits(args.per_class, seed=seed)
+        small = True
+    else:
+        train, test, classes, channels = image_folder(args.dataset, args.image_size)
+        small = args.image_size < 64
+    torch.manual_seed(seed)
+    stem = "small" if small else "imagenet"
+    if args.model in RESNETS:
+        model = build_model(args.model, num_classes=classes, in_channels=channels, stem=stem, width=args.width)
+    else:
+        model = build_model(args.model, num_classes=classes, in_channels=channels)
+    return model, train, test
 
 
 def _run(args: argparse.Namespace, device: str) -> int:
     """Load the data, build the model and run KE on ``device``; returns the exit code."""
+    if _study_seeds(args) is not None:
+        return _run_study(args, device)
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     ev = None
     try:
         try:
-            if args.dataset == "digits":
-                train, test, classes, channels = digits(args.per_class, seed=args.seed)
-                small = True
-            else:
-                train, test, classes, channels = image_folder(args.dataset, args.image_size)
-                small = args.image_size < 64
+            model, train, test = _data_and_model(args, args.seed)
         except DataError as exc:
             return _error(str(exc))
-        cfg = Config(split=args.split, split_rate=args.split_rate, generations=args.generations, epochs=args.epochs,
-                     batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
-                     evolve_mode=args.evolve_mode, reset_bn=args.reset_bn, resample_mask=args.resample_mask,
-                     amp=False if args.no_amp else None)
-        torch.manual_seed(args.seed)
-        stem = "small" if small else "imagenet"
-        if args.model in RESNETS:
-            model = build_model(args.model, num_classes=classes, in_channels=channels, stem=stem, width=args.width)
-        else:
-            model = build_model(args.model, num_classes=classes, in_channels=channels)
-        # the flags that choose data and model: a resume with other ones is refused (with the data's and the
-        # architecture's fingerprints, which Evolution adds)
-        identity = {"--dataset": args.dataset, "--model": args.model, "--per-class": args.per_class,
-                    "--image-size": args.image_size, "--width": args.width}
+        cfg = _config(args, args.seed)
         ev = Evolution(model, train, test, cfg, args.out, device=device,
-                       progress=False if args.no_progress else None, identity=identity)
+                       progress=False if args.no_progress else None, identity=_identity(args))
         if rank == 0:
             print(f"KE {cfg.split.upper()} {cfg.split_rate} | {args.model} | {args.dataset}: {len(train)} train / "
                   f"{len(test)} test images | {cfg.generations} generations x {cfg.epochs} epochs | {ev.device}")
@@ -280,12 +348,46 @@ def _run(args: argparse.Namespace, device: str) -> int:
     return 0
 
 
+def _run_study(args: argparse.Namespace, device: str) -> int:
+    """Run KE once per seed (and the baseline) into OUT/seed-<n>/, then the table over the seeds."""
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    seeds = _study_seeds(args)
+    study = Study(lambda seed: _data_and_model(args, seed), _config(args, seeds[0]), seeds, args.out,
+                  baseline=args.baseline, device=device, progress=False if args.no_progress else None,
+                  identity=_identity(args))
+    try:
+        if rank == 0:
+            print(f"KE {args.split.upper()} {args.split_rate} | {args.model} | {args.dataset} | {args.generations} "
+                  f"generations x {args.epochs} epochs | seeds {' '.join(map(str, seeds))}"
+                  + (f" | {args.baseline} baseline" if args.baseline else "") + f" | {device}")
+            if args.overwrite:
+                removed = remove_study(args.out)
+                if removed:
+                    print(f"--overwrite: deleted {len(removed)} files of the previous run(s) in {args.out}")
+        try:
+            summary = study.run(resume=args.resume)
+        except (CheckpointError, DataError) as exc:
+            return _error(str(exc))
+    except KeyboardInterrupt:
+        if rank == 0:
+            _interrupted(args, study.current)
+        return 130
+    if rank == 0:
+        print("\n" + results_markdown(summary))
+        print(f"wrote {Path(args.out) / 'summary.json'}, results.md, plot.png and seed-<n>/ run folders")
+    return 0
+
+
 def _interrupted(args: argparse.Namespace, ev: Evolution | None) -> None:
     """After Ctrl-C: one line saying where the last checkpoint is and the command that continues from it."""
-    ckpt = next((Path(args.out) / name for name in CHECKPOINTS if (Path(args.out) / name).exists()), None)
-    if ckpt is None:
+    out = Path(args.out) if ev is None else ev.out  # a study: the folder of the run that was interrupted
+    ckpt = next((out / name for name in CHECKPOINTS if (out / name).exists()), None)
+    if ckpt is None and not study_files(args.out):
         print("ke-fast run: interrupted before the first checkpoint; nothing to resume", file=sys.stderr)
         return
-    when = f" (generation {ev.saved[0]}, epoch {ev.saved[1]})" if ev is not None and ev.saved else ""
-    print(f"ke-fast run: interrupted; the last checkpoint is {ckpt}{when}; continue with: {_resume_command(args)}",
-          file=sys.stderr)
+    if ckpt is None:  # a study whose earlier runs are finished
+        where = f"{out} had no checkpoint yet"
+    else:
+        when = f" (generation {ev.saved[0]}, epoch {ev.saved[1]})" if ev is not None and ev.saved else ""
+        where = f"the last checkpoint is {ckpt}{when}"
+    print(f"ke-fast run: interrupted; {where}; continue with: {_resume_command(args)}", file=sys.stderr)

@@ -1,0 +1,253 @@
+"""Several seeds of one KE configuration, the compute-matched baseline, and one table over them.
+
+A :class:`Study` runs :class:`~ke_fast.evolve.Evolution` once per seed into ``<out>/seed-<n>/`` (each an
+ordinary run folder, resumable on its own) and, with ``baseline="long"``, the compute-matched baseline of
+each seed into ``<out>/seed-<n>/baseline/``: the same model, data, seed, learning rate, warm-up and batch
+size, trained densely for generations x epochs epochs in one schedule, never split and never reset (an
+Evolution run of :func:`baseline_config`). It then writes ``<out>/summary.json``, ``<out>/results.md`` and
+``<out>/plot.png``: per generation the mean and the sample standard deviation over the seeds of the dense
+and the fit accuracy, and the baseline beside KE's last generation.
+
+std is the sample standard deviation (numpy's ``ddof=1``); with one seed it is undefined: ``null`` in
+summary.json, "n/a" in results.md, no error band in the plot.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import Dataset
+
+from .evolve import RUN_FILES, Config, Evolution
+
+BASELINES = ("long",)
+STUDY_FILES = ("summary.json", "results.md", "plot.png")  # what a study writes into <out> itself
+METRICS = ("dense_acc", "fit_acc")
+STD = "sample standard deviation over the seeds (numpy ddof=1); null with one seed"
+
+
+def seed_dir(out: str | Path, seed: int) -> Path:
+    """The run folder of one seed of a study in ``out``."""
+    return Path(out) / f"seed-{seed}"
+
+
+def baseline_dir(out: str | Path, seed: int) -> Path:
+    """The run folder of one seed's compute-matched baseline."""
+    return seed_dir(out, seed) / "baseline"
+
+
+def baseline_config(config: Config) -> Config:
+    """The compute-matched ("long") baseline of a KE config: one generation of ``generations x epochs``
+    epochs, so one warm-up and one cosine schedule over the whole budget, with split rate 1.0: every weight
+    is fit, so the masks select everything, fit == dense, and as there is no second generation nothing is
+    ever reset. Everything else (lr, warm-up, batch size, seed, initial weights, data order) is unchanged;
+    the layers train through their own forward (dense mode), so this is plain dense training."""
+    return replace(config.validate(), split_rate=1.0, generations=1, epochs=config.generations * config.epochs)
+
+
+def study_files(out: str | Path) -> list[Path]:
+    """Every file in ``out`` that belongs to a run or a study: a run's files (``RUN_FILES``) and
+    results.md in ``out`` itself, and a run's files in every ``seed-*/`` folder and its ``baseline/``."""
+    out = Path(out)
+    folders = [out]
+    for d in sorted(out.glob("seed-*")) if out.is_dir() else ():
+        if d.is_dir():
+            folders += [d, d / "baseline"]
+    top = dict.fromkeys((*RUN_FILES, *STUDY_FILES))  # a single run's files too: a study must not mix with one
+    return [f / n for f in folders for n in (top if f == out else RUN_FILES) if (f / n).is_file()]
+
+
+def remove_study(out: str | Path) -> list[Path]:
+    """Delete :func:`study_files` of ``out`` and the seed folders that are empty afterwards; returns the
+    deleted files. Other files stay, and so do the folders that hold them."""
+    removed = study_files(out)
+    for f in removed:
+        f.unlink()
+    out = Path(out)
+    folders = {d for f in removed for d in f.parents if d != out and out in d.parents}  # seed-n/, seed-n/baseline/
+    for d in sorted(folders, key=lambda p: len(p.parts), reverse=True):  # the deepest first
+        if not any(d.iterdir()):
+            d.rmdir()
+    return removed
+
+
+def _stat(values: Sequence[float]) -> dict[str, Any]:
+    v = np.asarray(values, dtype=np.float64)
+    return dict(mean=float(v.mean()), std=float(v.std(ddof=1)) if len(v) > 1 else None, values=[float(x) for x in v])
+
+
+def aggregate(histories: Mapping[int, list[dict]], baselines: Mapping[int, dict] | None = None) -> dict[str, Any]:
+    """Mean and sample std (ddof=1) over the seeds of dense and fit accuracy, per generation.
+
+    Args:
+        histories: {seed: an Evolution history (one dict per generation)}; every seed needs the same
+            generations.
+        baselines: {seed: the baseline's last history row}, the same seeds, or None.
+
+    Returns ``{"seeds", "std", "generations": [{"generation", "dense_acc": stat, "fit_acc": stat}],
+    "final": {metric: stat}, "baseline": {metric: stat} or None}``, where a stat is ``{"mean", "std",
+    "values"}`` with the values in the order of the seeds."""
+    seeds = list(histories)
+    if not seeds:
+        raise ValueError("histories must hold at least one seed")
+    gens = {s: [r["generation"] for r in h] for s, h in histories.items()}
+    if any(g != gens[seeds[0]] or not g for g in gens.values()):
+        raise ValueError(f"every seed needs the same, non-empty generations, got {gens}")
+    rows = [dict(generation=g, **{m: _stat([histories[s][i][m] for s in seeds]) for m in METRICS})
+            for i, g in enumerate(gens[seeds[0]])]
+    base = None
+    if baselines is not None:
+        if list(baselines) != seeds:
+            raise ValueError(f"baselines must hold the seeds of histories {seeds}, got {list(baselines)}")
+        base = {m: _stat([baselines[s][m] for s in seeds]) for m in METRICS}
+    return dict(seeds=seeds, std=STD, generations=rows, final={m: rows[-1][m] for m in METRICS}, baseline=base)
+
+
+def _pct(stat: dict) -> str:
+    std = "n/a" if stat["std"] is None else f"{100 * stat['std']:.1f}"
+    return f"{100 * stat['mean']:.1f} ± {std}"
+
+
+def results_markdown(summary: Mapping[str, Any]) -> str:
+    """results.md: the per-generation table (mean ± std over the seeds, the baseline below KE's last
+    generation) and the last generation and the baseline of every seed."""
+    cfg, seeds, base = summary["config"], summary["seeds"], summary["baseline"]
+    g, e = cfg["generations"], cfg["epochs"]
+    setup = ", ".join(f"{k} {v}" for k, v in (summary.get("identity") or {}).items() if v is not None)
+    lines = [f"# KE {cfg['split'].upper()} {cfg['split_rate']}: {len(seeds)} seed(s) ({', '.join(map(str, seeds))})",
+             "",
+             f"{g} generations x {e} epochs, lr {cfg['lr']}, batch {cfg['batch_size']}, warm-up {cfg['warmup_epochs']} "
+             f"epochs, evolve mode {cfg['evolve_mode']}" + (f"; {setup}" if setup else "") + ".",
+             "Test top-1 (%), mean ± sample standard deviation over the seeds (ddof=1; n/a with one seed).",
+             "", "| generation | dense N_g | fit H^F_g |", "|---:|---:|---:|"]
+    lines += [f"| {r['generation']} | {_pct(r['dense_acc'])} | {_pct(r['fit_acc'])} |" for r in summary["generations"]]
+    if base is not None:
+        lines.append(f"| long dense baseline, {g * e} epochs | {_pct(base['dense_acc'])} | (no split) |")
+    last = summary["generations"][-1]["generation"]
+    lines += ["", f"Per seed (generation {last}" + (", and the baseline" if base else "") + "):", "",
+              f"| seed | dense N_{last} | fit H^F_{last} |" + (" long baseline |" if base else ""),
+              "|---:|---:|---:|" + ("---:|" if base else "")]
+    for i, s in enumerate(seeds):
+        cells = [summary["final"][m]["values"][i] for m in METRICS] + ([base["dense_acc"]["values"][i]] if base else [])
+        lines.append(f"| {s} | " + " | ".join(f"{100 * v:.1f}" for v in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: Mapping[str, Any], path: str | Path) -> None:
+    """plot.png: mean dense and fit accuracy per generation with a ±std band, the baseline as a point
+    with an error bar at the last generation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    gens = np.array([r["generation"] for r in summary["generations"]])
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for metric, style, label in (("dense_acc", "o-", "dense $N_g$"), ("fit_acc", "s-", "fit hypothesis $H^F_g$")):
+        mean = 100 * np.array([r[metric]["mean"] for r in summary["generations"]])
+        (line,) = ax.plot(gens, mean, style, label=label)
+        if len(summary["seeds"]) > 1:
+            std = 100 * np.array([r[metric]["std"] for r in summary["generations"]])
+            ax.fill_between(gens, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+    base = summary["baseline"]
+    if base is not None:
+        cfg = summary["config"]
+        std = base["dense_acc"]["std"]
+        ax.errorbar([gens[-1]], [100 * base["dense_acc"]["mean"]], yerr=None if std is None else [100 * std],
+                    fmt="D", color="black", capsize=4,
+                    label=f"long dense baseline ({cfg['generations'] * cfg['epochs']} epochs)")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_xlabel("generation")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title(f"KE {summary['config']['split'].upper()} {summary['config']['split_rate']}, "
+                 f"{len(summary['seeds'])} seed(s), mean ± std")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+class Study:
+    """KE on one configuration once per seed, optionally with the compute-matched baseline, and the
+    aggregate over the seeds.
+
+    Args:
+        make: ``make(seed) -> (model, train_set, test_set)``: an unsplit model and the data of one seed.
+            Called once per run (KE, and the baseline), right after ``torch.manual_seed(seed)``.
+        config: the KE :class:`Config`; its ``seed`` is replaced by each seed.
+        seeds: distinct seeds, 0 .. 2^64-1, run one after another in this order (under DDP every rank
+            runs them together).
+        out_dir: the study's folder: ``seed-<n>/`` (and ``seed-<n>/baseline/``) per seed, summary.json,
+            results.md and plot.png (rank 0 only).
+        baseline: None, or ``"long"``: per seed, the dense run of :func:`baseline_config`.
+        device, progress, log, identity: as for :class:`Evolution` (identity also goes into summary.json).
+
+    ``current`` is the Evolution running now (None outside :meth:`run`): after an interrupt, the one
+    whose checkpoint a resume continues from.
+    """
+
+    def __init__(self, make: Callable[[int], tuple[nn.Module, Dataset, Dataset]], config: Config,
+                 seeds: Sequence[int], out_dir: str | Path, baseline: str | None = None,
+                 device: str | torch.device | None = None, progress: bool | None = None,
+                 log: Callable[[str], None] = print, identity: dict[str, Any] | None = None) -> None:
+        self.config = config.validate()
+        seeds = list(seeds)
+        if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2 ** 64 for s in seeds):
+            raise ValueError(f"seeds must be a non-empty list of ints in 0 .. 2^64-1, got {seeds!r}")
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be distinct, got {seeds}")
+        if baseline is not None and baseline not in BASELINES:
+            raise ValueError(f"baseline must be None or one of {BASELINES}, got {baseline!r}")
+        self.make, self.seeds, self.out, self.baseline = make, seeds, Path(out_dir), baseline
+        self.device, self.progress, self.identity = device, progress, identity
+        self.rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        self.log = log if self.rank == 0 else (lambda _: None)
+        self._evolution_log = log
+        self.current: Evolution | None = None
+
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        """Run (or, with ``resume``, continue) every seed in order, then write summary.json, results.md
+        and plot.png; returns the summary. A resume continues each seed's runs from their checkpoints: a
+        finished one is only read, an unfinished one continues where it stopped, a missing one starts."""
+        histories: dict[int, list[dict]] = {}
+        baselines: dict[int, dict] | None = {} if self.baseline else None
+        for i, seed in enumerate(self.seeds):
+            self.log(f"seed {seed} ({i + 1}/{len(self.seeds)}): KE in {seed_dir(self.out, seed)}")
+            histories[seed] = self._one(seed, self.config, seed_dir(self.out, seed), resume)
+            if baselines is not None:
+                cfg = baseline_config(self.config)
+                self.log(f"seed {seed}: {self.baseline} baseline, {cfg.epochs} dense epochs, in "
+                         f"{baseline_dir(self.out, seed)}")
+                baselines[seed] = self._one(seed, cfg, baseline_dir(self.out, seed), resume)[-1]
+        self.current = None
+        summary = dict(aggregate(histories, baselines), config={k: v for k, v in asdict(self.config).items()
+                                                                if k != "seed"},
+                       identity=self.identity)
+        if self.baseline:
+            summary["baseline"] = dict(kind=self.baseline, epochs=baseline_config(self.config).epochs,
+                                       **summary["baseline"])
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            for name, text in (("summary.json", json.dumps(summary, indent=2)),
+                               ("results.md", results_markdown(summary))):
+                tmp = self.out / (name + ".tmp")
+                tmp.write_text(text)
+                os.replace(tmp, self.out / name)
+            plot(summary, self.out / "plot.png")
+        return summary
+
+    def _one(self, seed: int, config: Config, out: Path, resume: bool) -> list[dict]:
+        torch.manual_seed(seed)
+        model, train_set, test_set = self.make(seed)
+        self.current = Evolution(model, train_set, test_set, replace(config, seed=seed), out, device=self.device,
+                                 progress=self.progress, log=self._evolution_log, identity=self.identity)
+        return self.current.run(resume=resume)

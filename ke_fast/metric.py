@@ -57,7 +57,8 @@ class NormSoftmaxLoss(nn.Module):
 def recall_at_k(embeddings: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = RECALL_AT,
                 chunk: int = 1024) -> dict[str, float]:
     """``{"recall1": ..., "recall4": ...}``: the fraction of rows whose ``k`` nearest other rows (by dot
-    product: cosine for normalised embeddings; ties to the lower index) include one of the same label."""
+    product: cosine for normalised embeddings) include one of the same label. Rows are compared ``chunk``
+    at a time against all others (memory ``chunk x n``)."""
     n, kmax = len(embeddings), max(ks)
     if n <= kmax:
         raise ValueError(f"Recall@{kmax} needs more than {kmax} embeddings, got {n}")

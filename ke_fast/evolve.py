@@ -228,7 +228,10 @@ class Evolution:
         self.identity = dict(identity or {}, train_images=len(train_set), test_images=len(test_set),
                              train_data=data_fingerprint(train_set), test_data=data_fingerprint(test_set),
                              architecture=architecture_fingerprint(self.model))
-        example = self._to_device(train_set[0][0].unsqueeze(0))
+        if config.task == "metric" and len(test_set) <= max(metric.RECALL_AT):
+            raise ValueError(f"test_set holds {len(test_set)} images; Recall@{max(metric.RECALL_AT)} needs more")
+        example = None if config.reset_from is None and config.task != "metric" else \
+            self._to_device(train_set[0][0].unsqueeze(0))  # one training input: forward order, embedding size
         # layer-threshold forgetting: {layer: "keep" | "reset"}, fixed for the run (forward order)
         self._whole = None if config.reset_from is None else \
             variants.forgetting_plan(self.model, config.reset_from, example)
@@ -238,8 +241,6 @@ class Evolution:
             with torch.no_grad():
                 dim = self.model.eval()(example).flatten(1).shape[1]
             self.model.train(was_training)
-            if len(test_set) <= max(metric.RECALL_AT):
-                raise ValueError(f"test_set holds {len(test_set)} images; Recall@{max(metric.RECALL_AT)} needs more")
             classes = int(metric.labels_of(train_set).max()) + 1
             self.criterion = metric.NormSoftmaxLoss(classes, dim, seed=config.seed).to(self.device)
             if self.world > 1:  # the proxies live outside DDP: average their gradient over the ranks as DDP does

@@ -102,7 +102,9 @@ class ClassSubset(Dataset):
     def __init__(self, data: Dataset, classes: Sequence[int]) -> None:
         self.data, self.classes = data, [int(c) for c in classes]
         original = labels_of(data)
-        new = torch.full((int(original.max()) + 1,) if len(original) else (0,), -1, dtype=torch.int64)
+        if len(set(self.classes)) != len(self.classes) or min(self.classes, default=0) < 0:
+            raise ValueError(f"classes must be distinct labels >= 0, got {self.classes}")
+        new = torch.full((max([*self.classes, *original.tolist(), -1]) + 1,), -1, dtype=torch.int64)
         new[torch.tensor(self.classes, dtype=torch.int64)] = torch.arange(len(self.classes))
         keep = torch.isin(original, torch.tensor(self.classes, dtype=torch.int64))
         self.indices = keep.nonzero().flatten()

@@ -5,7 +5,9 @@
   a threshold layer (in forward order) is kept and every weight from it on is re-drawn, whatever the split
   masks say. :func:`forgetting_plan` turns the threshold into the ``whole`` argument of
   :func:`ke_fast.convert.reinit_` / :func:`~ke_fast.convert.reset_bn_`, so the reset stays one fused launch
-  per dtype. The split masks still define the fit hypothesis that is evaluated and extracted.
+  per dtype. A layer's bias follows its weight (kept or re-drawn); BatchNorm is reset only with ``reset_bn``,
+  and then every channel fed by a reset layer and none fed by a kept one. The split masks still define the
+  fit hypothesis that is evaluated and extracted.
 * Fit masks by importance (WELS): the top-k weights of every layer by magnitude |W| or by SNIP saliency
   |W * dL/dW| (Lee, Ajanthan & Torr, "SNIP: Single-shot Network Pruning based on Connection Sensitivity",
   ICLR 2019), with k the count the random WELS rule targets (:func:`wels_count`). :func:`choose_masks_`

@@ -320,9 +320,11 @@ def _run(args: argparse.Namespace, device: str) -> int:
             _interrupted(args, ev)
         return 130
     if rank == 0:
-        keys = ["dense_recall1", "fit_recall1", "dense_recall4", "fit_recall4"] if args.task == "metric" else \
-            ["dense_acc", "fit_acc"]
-        heads = ["dense R@1", "fit R@1", "dense R@4", "fit R@4"] if args.task == "metric" else ["dense N_g", "fit H^F_g"]
+        if args.task == "metric":
+            keys, heads = ["dense_recall1", "fit_recall1", "dense_recall4", "fit_recall4"], \
+                ["dense R@1", "fit R@1", "dense R@4", "fit R@4"]
+        else:
+            keys, heads = ["dense_acc", "fit_acc"], ["dense N_g", "fit H^F_g"]
         print("\ngeneration | " + " | ".join(f"{h:>9}" for h in heads))
         for row in history:
             print(f"{row['generation']:10d} | " + " | ".join(f"{100 * row[k]:8.1f}%" for k in keys))

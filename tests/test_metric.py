@@ -62,7 +62,7 @@ def test_recall_at_k_by_hand():
 
 def test_training_never_sees_a_test_class_and_recall_rises(tmp_path):
     """Every image the network trains on (train mode) is one of digits 0-4; Recall@1 on digits 5-9 rises
-    far above chance (0.2 for 5 classes) in a short run (2 generations x 3 epochs on a third of the images;
+    at least twice chance (0.2 for 5 classes) in a short run (2 generations x 3 epochs on a third of the images;
     the default run is reported in the README)."""
     train, test = _split(train_every=3)
     full, _ = _split()
@@ -82,7 +82,7 @@ def test_training_never_sees_a_test_class_and_recall_rises(tmp_path):
     assert {"dense_recall1", "dense_recall4", "fit_recall1", "fit_recall4"} <= history[0].keys()
     assert "dense_acc" not in history[0]
     last = history[-1]
-    assert last["dense_recall1"] > 0.45 and last["fit_recall1"] > 0.45, history  # chance: 0.2
+    assert last["dense_recall1"] > 0.4 and last["fit_recall1"] > 0.4, history  # chance: 0.2 (this CPU: 0.65, 0.56)
     assert last["dense_recall4"] >= last["dense_recall1"]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["final"]["fit_recall1"] == pytest.approx(last["fit_recall1"])
@@ -160,3 +160,52 @@ def test_cli_metric_on_an_image_folder(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert rc == 0, printed
     assert "8 train / 8 test images (classes [0, 1] / [2, 3])" in printed, printed
+
+
+DDP_SCRIPT = """
+import sys, torch
+from ke_fast import metric
+from ke_fast.data import digits
+from ke_fast.evolve import Config, Evolution, init_process_group
+from ke_fast.models import resnet18
+import torch.distributed as dist
+init_process_group("gloo")
+train, test = metric.class_split(*digits(20, seed=0)[:2])
+train = torch.utils.data.Subset(train, range(0, len(train), 10))
+test = torch.utils.data.Subset(test, range(0, len(test), 8))
+torch.manual_seed(0)
+model = resnet18(num_classes=8, in_channels=1, stem="small", width=4)
+cfg = Config(task="metric", split="wels", mask_criterion="snip", resample_mask=True, generations=2, epochs=1)
+ev = Evolution(model, train, test, cfg, sys.argv[1], device="cpu", progress=False, log=lambda _: None)
+ev.run()
+masks = {k: v for k, v in ev.model.state_dict().items() if k.endswith("fit_mask")}
+torch.save(dict(proxies=ev.criterion.proxies.detach(), masks=masks), f"{sys.argv[1]}/rank{dist.get_rank()}.pt")
+dist.destroy_process_group()
+"""
+
+
+def test_ddp_ranks_agree_on_proxies_and_snip_masks(tmp_path):
+    """Under DDP each rank trains on its own shard: the proxies (outside DDP) get their gradient averaged
+    over the ranks, and the SNIP masks are rank 0's everywhere, so both stay identical on every rank."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "ddp_metric.py"
+    script.write_text(DDP_SCRIPT)
+    out = tmp_path / "out"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr",
+                          "127.0.0.1", "--master_port", str(port), str(script), str(out)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    a, b = (torch.load(out / f"rank{r}.pt") for r in (0, 1))
+    assert torch.equal(a["proxies"], b["proxies"])
+    assert a["masks"].keys() == b["masks"].keys() and a["masks"]
+    for k in a["masks"]:
+        assert torch.equal(a["masks"][k], b["masks"][k]), k

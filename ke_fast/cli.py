@@ -15,8 +15,10 @@ from torch.utils.data import Dataset
 
 from .data import DIGITS_MAX_PER_CLASS, DataError, digits, image_folder
 from .evolve import CHECKPOINTS, RUN_FILES, CheckpointError, Config, Evolution, init_process_group
+from .metric import TASKS, class_split
 from .models import build_model
 from .study import BASELINES, Study, baseline_dir, remove_study, results_markdown, seed_dir, study_files
+from .variants import MASK_CRITERIA, layers_matching
 
 RESNETS = ("resnet18", "resnet50")  # the models --width applies to
 
@@ -78,6 +80,21 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                         "their generation-0 values")
     r.add_argument("--reset-bn", action="store_true", help="also reset BatchNorm of reset channels")
     r.add_argument("--resample-mask", action="store_true", help="--split wels only: a new mask every generation")
+    # KE variants and metric learning (ke_fast.variants, ke_fast.metric)
+    r.add_argument("--reset-from", default=None, metavar="LAYER",
+                   help="layer-threshold forgetting (Zhou et al., ICLR 2022): between generations keep every weight "
+                        "of the layers before LAYER (forward order) and re-draw every weight from it on; LAYER is a "
+                        "conv/linear module name (layer3.0.conv1) or a module prefix (layer3); the split masks "
+                        "still define the fit hypothesis (default: off, the split masks decide)")
+    r.add_argument("--mask-criterion", choices=MASK_CRITERIA, default=d.mask_criterion,
+                   help="--split wels only: the fit mask drawn at random, or the top-k weights per layer by "
+                        "|W| (magnitude) or SNIP saliency |W*dL/dW| (Lee et al., ICLR 2019), chosen from the "
+                        "trained network at the end of generation 1 (with --resample-mask: of every generation)")
+    r.add_argument("--task", choices=TASKS, default=d.task,
+                   help="classify: cross-entropy, top-1; metric: an embedding head, the normalised-softmax loss "
+                        "(Zhai & Wu, BMVC 2019) on the first half of the classes, Recall@1/4 on the other half")
+    r.add_argument("--embedding-dim", type=int, default=None,
+                   help="--task metric only: embedding size of the head (default: 64)")
     r.add_argument("--no-amp", action="store_true", help="no bf16 autocast on GPU")
     r.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
     r.add_argument("--out", default="runs/ke", help="output folder (checkpoints, history.csv, summary.json, plot.png)")
@@ -105,8 +122,21 @@ def _check(r: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             r.error(f"{flag} applies to {scope} only, not to {given}")
     if args.resample_mask and args.split != "wels":
         r.error("--resample-mask applies to --split wels only (KELS masks follow the channels and never change)")
+    if args.mask_criterion != "random" and args.split != "wels":
+        r.error(f"--mask-criterion {args.mask_criterion} applies to --split wels only (KELS masks are whole "
+                f"channels, fixed by the graph)")
+    metric = args.task == "metric"
+    if metric and args.per_class is not None:
+        r.error("--per-class applies to --task classify only (--task metric trains on every image of the first "
+                "half of the classes)")
+    if not metric and args.embedding_dim is not None:
+        r.error("--embedding-dim applies to --task metric only")
+    if metric and args.embedding_dim is None:
+        args.embedding_dim = 64
+    if args.embedding_dim is not None and args.embedding_dim < 1:
+        r.error(f"--embedding-dim must be >= 1, got {args.embedding_dim}")
     # the defaults of the options that apply; the others stay None
-    if digits_data and args.per_class is None:
+    if digits_data and args.per_class is None and not metric:
         args.per_class = 20
     if not digits_data and args.image_size is None:
         args.image_size = 64
@@ -115,7 +145,7 @@ def _check(r: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for name in ("generations", "epochs", "batch_size", "per_class", "image_size", "width"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             r.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if digits_data and args.per_class > DIGITS_MAX_PER_CLASS:
+    if digits_data and args.per_class is not None and args.per_class > DIGITS_MAX_PER_CLASS:
         r.error(f"--per-class must be at most {DIGITS_MAX_PER_CLASS} for digits (the smallest class has "
                 f"{DIGITS_MAX_PER_CLASS + 1} images and keeps at least one for testing), got {args.per_class}")
     if not 0 < args.split_rate <= 1:
@@ -131,7 +161,23 @@ def _check(r: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             r.error(f"--seed{'s' if args.seeds else ''} must be in 0 .. 2^64-1, got {seed}")
     if args.seeds and len(set(args.seeds)) != len(args.seeds):
         r.error(f"--seeds must be distinct, got {' '.join(map(str, args.seeds))}")
+    if args.reset_from is not None:  # the layer names do not depend on the data: a model on "meta" tells them
+        with torch.device("meta"):
+            names = [n for n, m in _build(args, 2, 3).named_modules()
+                     if isinstance(m, torch.nn.Conv1d | torch.nn.Conv2d | torch.nn.Linear)]
+        try:
+            layers_matching(names, args.reset_from)
+        except ValueError as exc:
+            r.error(f"--reset-from: {exc}")
     _check_out(r, args)
+
+
+def _build(args: argparse.Namespace, outputs: int, channels: int, small: bool = True) -> torch.nn.Module:
+    """The network of --model with ``outputs`` outputs (classes, or --embedding-dim for --task metric)."""
+    if args.model in RESNETS:
+        return build_model(args.model, num_classes=outputs, in_channels=channels, stem="small" if small else "imagenet",
+                           width=args.width)
+    return build_model(args.model, num_classes=outputs, in_channels=channels)
 
 
 def _check_out(r: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -279,6 +325,7 @@ def _config(args: argparse.Namespace, seed: int) -> Config:
     return Config(split=args.split, split_rate=args.split_rate, generations=args.generations, epochs=args.epochs,
                   batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=seed,
                   evolve_mode=args.evolve_mode, reset_bn=args.reset_bn, resample_mask=args.resample_mask,
+                  task=args.task, reset_from=args.reset_from, mask_criterion=args.mask_criterion,
                   amp=False if args.no_amp else None)
 
 
@@ -286,23 +333,24 @@ def _identity(args: argparse.Namespace) -> dict:
     """The flags that choose data and model: a resume with other ones is refused (with the data's and the
     architecture's fingerprints, which Evolution adds)."""
     return {"--dataset": args.dataset, "--model": args.model, "--per-class": args.per_class,
-            "--image-size": args.image_size, "--width": args.width}
+            "--image-size": args.image_size, "--width": args.width, "--embedding-dim": args.embedding_dim}
 
 
 def _data_and_model(args: argparse.Namespace, seed: int) -> tuple[torch.nn.Module, Dataset, Dataset]:
     """The unsplit model and (train, test) of one seed (the digits split depends on it); raises DataError."""
-    if args.dataset == "digits":
-        train, test, classes, channels = digits(args.per_class, seed=seed)
+    if args.dataset == "digits":  # --task metric pools every image: any per_class gives them all
+        train, test, classes, channels = digits(args.per_class or 1, seed=seed)
         small = True
     else:
         train, test, classes, channels = image_folder(args.dataset, args.image_size)
         small = args.image_size < 64
+    if args.task == "metric":
+        try:
+            train, test = class_split(train, test)
+        except ValueError as exc:
+            raise DataError(f"--task metric on {args.dataset}: {exc}") from None
     torch.manual_seed(seed)
-    stem = "small" if small else "imagenet"
-    if args.model in RESNETS:
-        model = build_model(args.model, num_classes=classes, in_channels=channels, stem=stem, width=args.width)
-    else:
-        model = build_model(args.model, num_classes=classes, in_channels=channels)
+    model = _build(args, args.embedding_dim if args.task == "metric" else classes, channels, small)
     return model, train, test
 
 
@@ -321,8 +369,10 @@ def _run(args: argparse.Namespace, device: str) -> int:
         ev = Evolution(model, train, test, cfg, args.out, device=device,
                        progress=False if args.no_progress else None, identity=_identity(args))
         if rank == 0:
+            classes = f" (classes {train.classes} / {test.classes})" if args.task == "metric" else ""
             print(f"KE {cfg.split.upper()} {cfg.split_rate} | {args.model} | {args.dataset}: {len(train)} train / "
-                  f"{len(test)} test images | {cfg.generations} generations x {cfg.epochs} epochs | {ev.device}")
+                  f"{len(test)} test images{classes} | {cfg.generations} generations x {cfg.epochs} epochs | "
+                  f"{ev.device}")
             if args.overwrite:
                 removed = [name for name in RUN_FILES if (Path(args.out) / name).exists()]
                 for name in removed:
@@ -338,9 +388,14 @@ def _run(args: argparse.Namespace, device: str) -> int:
             _interrupted(args, ev)
         return 130
     if rank == 0:
-        print("\ngeneration | dense N_g | fit H^F_g")
+        if args.task == "metric":
+            keys, heads = ["dense_recall1", "fit_recall1", "dense_recall4", "fit_recall4"], \
+                ["dense R@1", "fit R@1", "dense R@4", "fit R@4"]
+        else:
+            keys, heads = ["dense_acc", "fit_acc"], ["dense N_g", "fit H^F_g"]
+        print("\ngeneration | " + " | ".join(f"{h:>9}" for h in heads))
         for row in history:
-            print(f"{row['generation']:10d} | {100 * row['dense_acc']:8.1f}% | {100 * row['fit_acc']:8.1f}%")
+            print(f"{row['generation']:10d} | " + " | ".join(f"{100 * row[k]:8.1f}%" for k in keys))
         if ev.start[0] > cfg.generations:
             print(f"\nthe run in {args.out} is finished: nothing trained, no file changed")
         else:

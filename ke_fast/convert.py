@@ -12,7 +12,7 @@ import contextlib
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.fx as fx
@@ -251,7 +251,8 @@ def adopt(model: nn.Module, attr: str = "mask", *, seed: int = 0) -> nn.Module:
 # ---- model-level operations -------------------------------------------------------------------
 
 def reinit_(model: nn.Module, generation: int, *, init: str = "kaiming_uniform_a_sqrt5", seed: int | None = None,
-            fan_mode: str = "fan_in", purpose: str = "reset", ignore_mask: bool = False) -> nn.Module:
+            fan_mode: str = "fan_in", purpose: str = "reset", ignore_mask: bool = False,
+            whole: Mapping[str, str] | None = None) -> nn.Module:
     """Re-draw the reset hypothesis of every masked layer (weights and biases): one fused launch per dtype.
 
     The values depend only on (seed, purpose, generation, layer index, element index): the same on
@@ -259,13 +260,23 @@ def reinit_(model: nn.Module, generation: int, *, init: str = "kaiming_uniform_a
     ``purpose="init"`` with ``generation=0`` gives the initial values (``ignore_mask=True`` draws the
     fit entries too: a whole-model initialisation that can later be regenerated, e.g. to rewind). A
     Parameter that several layers share (tied weights) is reset once, from its first layer's stream; if
-    those layers' masks no longer agree, ValueError names them and nothing is reset."""
+    those layers' masks no longer agree, ValueError names them and nothing is reset.
+
+    ``whole`` maps layer names to ``"keep"`` (weight and bias kept entirely) or ``"reset"`` (both re-drawn
+    entirely) for this call, in place of their fit masks; layers it does not name follow their fit masks.
+    It is how layer-threshold forgetting (:mod:`ke_fast.variants`) resets whole layers in the same single
+    launch per dtype. ``ignore_mask=True`` is the same as ``"reset"`` for every layer."""
     layers = masked_layers(model)
     if not layers:
         raise ValueError("model has no masked layer: call ke_fast.split(model) first")
+    whole = _check_whole(layers, whole)
+    if ignore_mask:
+        if whole:
+            raise ValueError("reinit_: pass ignore_mask=True (reset everything) or whole, not both")
+        whole = {name: "reset" for name, _ in layers}
     if seed is None:
         seed = layers[0][1].ke_seed
-    weights, words, fans, ids = [], [], [], []
+    weights, words, fans, ids, mask_keys = [], [], [], [], []
     strided: list[tuple[torch.Tensor, torch.Tensor]] = []  # (parameter, contiguous working copy)
     listed: dict[int, tuple[str, torch.Tensor]] = {}  # id(parameter) -> (first layer holding it, its mask)
 
@@ -280,14 +291,20 @@ def reinit_(model: nn.Module, generation: int, *, init: str = "kaiming_uniform_a
     def add(name: str, p: torch.Tensor, mask: torch.Tensor, fan: tuple[int, int], layer_id: int) -> None:
         # a Parameter shared by several layers (tied weights) is reset once, and only if they agree on its
         # mask: resetting it per layer would overwrite entries another layer keeps as fit
+        how = whole.get(name)
+        if how is not None:  # a whole tensor kept (all ones) or reset (all zeros); tail bits stay zero
+            mask = K.pack_mask(torch.full((p.numel(),), how == "keep", dtype=torch.bool, device=mask.device))
         first = listed.setdefault(id(p), (name, mask))
         if first[0] != name:
             if not torch.equal(first[1], mask):
                 raise ValueError(f"layers {first[0]!r} and {name!r} share a Parameter but hold different fit masks "
-                                 f"for it (changed after split?); reinit_ would reset entries one of them keeps")
+                                 f"for it (changed after split?, or different whole= choices); reinit_ would reset "
+                                 f"entries one of them keeps")
             return
         weights.append(data(p))
-        words.append(torch.zeros_like(mask) if ignore_mask else mask)
+        words.append(mask)
+        # a whole-tensor mask is new every call but its contents are known: the cached plan stays valid
+        mask_keys.append((how,) if how is not None else (mask.data_ptr(), mask._version))
         fans.append(fan)
         ids.append(layer_id)
 
@@ -296,7 +313,7 @@ def reinit_(model: nn.Module, generation: int, *, init: str = "kaiming_uniform_a
         add(name, m.weight, m.fit_mask, fan, 2 * m.layer_index)
         if m.bias is not None:
             add(name, m.bias, m.bias_mask, fan, 2 * m.layer_index + 1)  # biases get streams of their own
-    key = (seed, init, fan_mode, tuple((w.data_ptr(), m.data_ptr(), m._version) for w, m in zip(weights, words)))
+    key = (seed, init, fan_mode, tuple((w.data_ptr(), *k) for w, k in zip(weights, mask_keys)))
     cached = _PLANS.get(model)
     if cached is None or cached[0] != key:  # validated and laid out once, reused every generation
         cached = (key, ops.ReinitPlan(weights, words, seed=seed, fans=fans, layer_ids=ids, init=init,
@@ -309,11 +326,14 @@ def reinit_(model: nn.Module, generation: int, *, init: str = "kaiming_uniform_a
     return model
 
 
-def reset_bn_(model: nn.Module) -> nn.Module:
+def reset_bn_(model: nn.Module, whole: Mapping[str, str] | None = None) -> nn.Module:
     """Reset the BatchNorm channels fed by reset filters: weight 1, bias 0, running mean 0, var 1.
 
-    The producing layer of each BatchNorm is found from the fx graph (through channel-preserving ops)."""
+    The producing layer of each BatchNorm is found from the fx graph (through channel-preserving ops).
+    ``whole`` as in :func:`reinit_`: a layer named ``"keep"`` leaves its BatchNorm alone, one named
+    ``"reset"`` has every channel of it reset."""
     layers = dict(masked_layers(model))
+    whole = _check_whole(list(layers.items()), whole)
     gm = trace(model)
     modules = dict(gm.named_modules())
     with torch.no_grad():
@@ -325,7 +345,9 @@ def reset_bn_(model: nn.Module) -> nn.Module:
             if src.op != "call_module" or src.target not in layers:
                 continue
             m = layers[src.target]
-            keep = K.unpack_mask(m.bias_mask, (m.weight.shape[0],))
+            how = whole.get(src.target)
+            keep = K.unpack_mask(m.bias_mask, (m.weight.shape[0],)) if how is None else \
+                torch.full((m.weight.shape[0],), how == "keep", dtype=torch.bool, device=m.bias_mask.device)
             if keep.numel() != bn.num_features:
                 continue
             reset = ~keep.to(bn.running_mean.device if bn.running_mean is not None else keep.device)
@@ -336,6 +358,20 @@ def reset_bn_(model: nn.Module) -> nn.Module:
                 bn.running_mean[reset] = 0.0
                 bn.running_var[reset] = 1.0
     return model
+
+
+def _check_whole(layers: list[tuple[str, nn.Module]], whole: Mapping[str, str] | None) -> dict[str, str]:
+    """Validate the ``whole`` argument of reinit_ / reset_bn_: masked layer names -> "keep" | "reset"."""
+    whole = dict(whole or {})
+    names = {name for name, _ in layers}
+    unknown = [n for n in whole if n not in names]
+    if unknown:
+        raise ValueError(f"whole names {unknown} which are no masked layers of the model (they are e.g. "
+                         f"{sorted(names)[:5]})")
+    bad = {n: v for n, v in whole.items() if v not in ("keep", "reset")}
+    if bad:
+        raise ValueError(f"whole must map layer names to 'keep' or 'reset', got {bad}")
+    return whole
 
 
 def set_mode(model: nn.Module, mode: str) -> None:

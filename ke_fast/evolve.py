@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from . import kernels as K
+from . import metric, variants
 from .convert import fit_only, reinit_, reset_bn_, split
 from .masks import layer_mask, masked_layers
 
@@ -50,8 +51,11 @@ class Config:
     evolve_mode: str = "rand"  # rand: re-draw H^R; zero: zero it; rewind: back to its generation-0 values
     init: str = "kaiming_normal"  # initial weights (drawn from the counter RNG, so "rewind" needs no copy)
     reset_init: str = "kaiming_uniform_a_sqrt5"  # the official KE reset
-    resample_mask: bool = False  # WELS: draw a new mask every generation
+    resample_mask: bool = False  # WELS: a new mask every generation (drawn, or re-chosen by mask_criterion)
     reset_bn: bool = False  # reset BatchNorm affine/statistics of reset channels too
+    task: str = "classify"  # or "metric": embeddings, normalised-softmax loss, Recall@K (ke_fast.metric)
+    reset_from: str | None = None  # layer-threshold forgetting: keep the layers before it, reset it and after
+    mask_criterion: str = "random"  # WELS fit mask: random, or the top-k by "magnitude" / "snip" (ke_fast.variants)
     amp: bool | None = None  # bf16 autocast; None = on for CUDA
     channels_last: bool | None = None  # None = on for CUDA
 
@@ -71,6 +75,11 @@ class Config:
                 raise ValueError(f"{name} must be one of {K.SCHEMES}, got {getattr(self, name)!r}")
         if self.warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if self.task not in metric.TASKS:
+            raise ValueError(f"task must be one of {metric.TASKS}, got {self.task!r}")
+        if self.reset_from is not None and (not isinstance(self.reset_from, str) or not self.reset_from):
+            raise ValueError(f"reset_from must be None or a layer name / module prefix, got {self.reset_from!r}")
+        variants.check_criterion(self.mask_criterion, self.split)
         return self
 
 
@@ -167,11 +176,14 @@ def _epoch_seed(seed: int, generation: int, epoch: int) -> int:
 
 
 class Evolution:
-    """Runs KE on a model with a built-in classification trainer.
+    """Runs KE on a model with a built-in trainer for classification or metric learning (``config.task``).
 
     Args:
-        model: an unsplit model (it is split here with ``config``) or one already split.
-        train_set, test_set: map-style data sets of (input, label).
+        model: an unsplit model (it is split here with ``config``) or one already split. For
+            ``task="metric"`` its output is the embedding (e.g. ``num_classes=64`` for the models of
+            :mod:`ke_fast.models`), L2-normalised by the loss and the evaluation.
+        train_set, test_set: map-style data sets of (input, label); for ``task="metric"`` with disjoint
+            classes (:func:`ke_fast.metric.class_split`), the training labels 0 .. C-1.
         config: the run's :class:`Config`.
         out_dir: where checkpoints (last.pt / prev.pt), history.csv, summary.json and plot.png go
             (rank 0 only).
@@ -216,6 +228,24 @@ class Evolution:
         self.identity = dict(identity or {}, train_images=len(train_set), test_images=len(test_set),
                              train_data=data_fingerprint(train_set), test_data=data_fingerprint(test_set),
                              architecture=architecture_fingerprint(self.model))
+        if config.task == "metric" and len(test_set) <= max(metric.RECALL_AT):
+            raise ValueError(f"test_set holds {len(test_set)} images; Recall@{max(metric.RECALL_AT)} needs more")
+        example = None if config.reset_from is None and config.task != "metric" else \
+            self._to_device(train_set[0][0].unsqueeze(0))  # one training input: forward order, embedding size
+        # layer-threshold forgetting: {layer: "keep" | "reset"}, fixed for the run (forward order)
+        self._whole = None if config.reset_from is None else \
+            variants.forgetting_plan(self.model, config.reset_from, example)
+        self.criterion: nn.Module | None = None  # the metric loss and its proxies (in the optimizer, checkpointed)
+        if config.task == "metric":
+            was_training = self.model.training
+            with torch.no_grad():
+                dim = self.model.eval()(example).flatten(1).shape[1]
+            self.model.train(was_training)
+            classes = int(metric.labels_of(train_set).max()) + 1
+            self.criterion = metric.NormSoftmaxLoss(classes, dim, seed=config.seed).to(self.device)
+            if self.world > 1:  # the proxies live outside DDP: average their gradient over the ranks as DDP does
+                for p in self.criterion.parameters():
+                    p.register_hook(self._mean_over_ranks)
         self.history: list[dict] = []
         self.start: tuple[int, int] = (1, 0)
         self.saved: tuple[int, int] | None = None
@@ -238,6 +268,10 @@ class Evolution:
                     detail = " ".join(str(exc).split())  # one line: the error is printed as one
                     raise CheckpointError(f"checkpoint {str(path)!r} does not fit this model: "
                                           f"{detail[:300]}{'...' if len(detail) > 300 else ''}") from None
+                if self.criterion is not None:
+                    if ckpt.get("criterion") is None:
+                        raise CheckpointError(f"checkpoint {str(path)!r} holds no metric loss (proxies) to resume")
+                    self.criterion.load_state_dict(ckpt["criterion"])
                 self.history = ckpt["history"]
                 start_gen, start_epoch = ckpt["generation"], ckpt["epoch"]
                 opt_state, sched_state = ckpt.get("optimizer"), ckpt.get("scheduler")
@@ -287,22 +321,45 @@ class Evolution:
     def _evolve(self, g: int) -> None:
         """Between generations: keep H^F, reset H^R (one fused launch), optionally BN and masks."""
         cfg = self.cfg
-        if cfg.resample_mask and cfg.split == "wels":
+        if cfg.resample_mask and cfg.split == "wels" and cfg.mask_criterion == "random":
             for _, m in masked_layers(self.model):
                 m.set_fit_mask(layer_mask(m.weight.shape, "wels", cfg.split_rate, seed=m.ke_seed,
                                           layer_index=m.layer_index, generation=g, device=m.weight.device))
         if cfg.evolve_mode == "rewind":
-            reinit_(self.model, 0, init=cfg.init, purpose="init")
+            reinit_(self.model, 0, init=cfg.init, purpose="init", whole=self._whole)
         else:
-            reinit_(self.model, g, init="zeros" if cfg.evolve_mode == "zero" else cfg.reset_init)
+            reinit_(self.model, g, init="zeros" if cfg.evolve_mode == "zero" else cfg.reset_init, whole=self._whole)
         if cfg.reset_bn:
-            reset_bn_(self.model)
+            reset_bn_(self.model, whole=self._whole)
+
+    def _choose_masks(self, g: int) -> None:
+        """The fit masks by ``mask_criterion`` from the trained network (top-k per layer), the same on every
+        rank (rank 0's are broadcast); SNIP sums over the first SNIP_BATCHES batches of a seeded order."""
+        cfg = self.cfg
+        if cfg.mask_criterion == "magnitude":
+            scores = variants.magnitude_scores(self.model)
+        else:
+            loader = self._loader(self.train_set, True, _epoch_seed(cfg.seed, g, cfg.epochs))
+            batches = (b for _, b in zip(range(variants.SNIP_BATCHES), loader))
+
+            def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                    out = self.model(self._to_device(x))
+                return self._loss(out, y.to(self.device))
+
+            scores = variants.snip_scores(self.model, loss_fn, batches)
+        variants.choose_masks_(self.model, scores, cfg.split_rate)
+        if self.world > 1:
+            for _, m in masked_layers(self.model):
+                dist.broadcast(m.fit_mask, 0)
+                m.set_fit_mask(m.fit_mask)
 
     def _generation(self, g: int, start_epoch: int, opt_state: dict | None, sched_state: dict | None) -> None:
         cfg = self.cfg
         model = self.model
         net = nn.parallel.DistributedDataParallel(model) if self.world > 1 else model
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        params = [*model.parameters(), *(self.criterion.parameters() if self.criterion is not None else ())]
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         steps = math.ceil(len(self.train_set) / self.world / cfg.batch_size)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps))
         if opt_state is not None:
@@ -313,16 +370,36 @@ class Evolution:
             self._last_loss = self._train_epoch(net, opt, sched, g, epoch)
             self._checkpoint(g, epoch + 1, opt, sched)
         loss = self._last_loss
+        if cfg.mask_criterion != "random" and (g == 1 or cfg.resample_mask):
+            self._choose_masks(g)  # before H^F_g is evaluated: the importance mask defines it
         dense = self.evaluate()
         with fit_only(model):
             fit = self.evaluate()
-        row = dict(generation=g, dense_acc=dense, fit_acc=fit, train_loss=loss,
+        row = dict(generation=g, **{f"dense_{k}": v for k, v in dense.items()},
+                   **{f"fit_{k}": v for k, v in fit.items()}, train_loss=loss,
                    epoch_time_s=(time.perf_counter() - t0) / max(1, cfg.epochs - start_epoch))
         self.history.append(row)
         self._checkpoint(g, cfg.epochs, None, None)
         self._write_metrics()
-        self.log(f"generation {g:2d}: dense N_g {100 * dense:5.1f} %   fit H^F_g {100 * fit:5.1f} %   "
-                 f"loss {loss:.3f}")
+        key, name = self.metric_key
+        self.log(f"generation {g:2d}: dense N_g {100 * row['dense_' + key]:5.1f} %   fit H^F_g "
+                 f"{100 * row['fit_' + key]:5.1f} % ({name})   loss {loss:.3f}")
+
+    def _mean_over_ranks(self, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad / self.world
+
+    @property
+    def metric_key(self) -> tuple[str, str]:
+        """The headline metric of the task: (history key suffix, its name), e.g. ("acc", "top-1")."""
+        return ("recall1", "Recall@1") if self.cfg.task == "metric" else ("acc", "top-1")
+
+    def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The training loss of a batch: label-smoothed cross-entropy, or the metric loss (``self.criterion``)."""
+        if self.criterion is not None:
+            return self.criterion(out, y)
+        return F.cross_entropy(out.float(), y, label_smoothing=self.cfg.label_smoothing)
 
     def _loader(self, data: Dataset, shuffle: bool, seed: int) -> DataLoader:
         if self.world > 1:
@@ -345,7 +422,7 @@ class Evolution:
             x, y = self._to_device(x), y.to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 out = net(x)
-            loss = F.cross_entropy(out.float(), y, label_smoothing=self.cfg.label_smoothing)
+            loss = self._loss(out, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -361,16 +438,24 @@ class Evolution:
         return x
 
     @torch.no_grad()
-    def evaluate(self, data: Dataset | None = None) -> float:
-        """Top-1 accuracy of the model as it is (dense, or fit inside ``fit_only``)."""
+    def evaluate(self, data: Dataset | None = None) -> dict[str, float]:
+        """The task's metrics of the model as it is (dense, or fit inside ``fit_only``) on ``data`` (default:
+        the test set): ``{"acc": top-1}`` for classification, ``{"recall1": ..., "recall4": ...}`` (Recall@K
+        among the test images, :func:`ke_fast.metric.recall_at_k`) for metric learning."""
         self.model.eval()
-        correct, total = 0, 0
+        correct, total, embeddings, labels = 0, 0, [], []
         for x, y in DataLoader(data if data is not None else self.test_set, batch_size=256):
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                pred = self.model(self._to_device(x)).argmax(1)
-            correct += int((pred.cpu() == y).sum())
-            total += len(y)
-        return correct / max(1, total)
+                out = self.model(self._to_device(x))
+            if self.cfg.task == "metric":
+                embeddings.append(metric.embed(out))
+                labels.append(torch.as_tensor(y))
+            else:
+                correct += int((out.argmax(1).cpu() == y).sum())
+                total += len(y)
+        if self.cfg.task == "metric":
+            return metric.recall_at_k(torch.cat(embeddings), torch.cat(labels))
+        return {"acc": correct / max(1, total)}
 
     # -- files --------------------------------------------------------------------------------
     def _checkpoint(self, g: int, epoch: int, opt, sched) -> None:
@@ -381,6 +466,7 @@ class Evolution:
                     config=asdict(self.cfg), identity=self.identity,
                     optimizer=None if opt is None else opt.state_dict(),
                     scheduler=None if sched is None else sched.state_dict(), train_loss=self._last_loss,
+                    criterion=None if self.criterion is None else self.criterion.state_dict(),
                     rng=dict(torch=torch.get_rng_state()))
         save_atomic(ckpt, self.out / "last.pt", keep_previous=self.out / "prev.pt")
         self.saved = (g, epoch)
@@ -396,8 +482,8 @@ class Evolution:
             w.writeheader()
             w.writerows(self.history)
         os.replace(tmp, self.out / "history.csv")
-        summary = dict(config=asdict(self.cfg), history=self.history,
-                       final=dict(dense_acc=self.history[-1]["dense_acc"], fit_acc=self.history[-1]["fit_acc"]))
+        final = {k: v for k, v in self.history[-1].items() if k.startswith(("dense_", "fit_"))}
+        summary = dict(config=asdict(self.cfg), history=self.history, final=final)
         tmp = self.out / "summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2))
         os.replace(tmp, self.out / "summary.json")
@@ -409,11 +495,12 @@ class Evolution:
         import matplotlib.pyplot as plt
 
         gens = [r["generation"] for r in self.history]
+        key, name = self.metric_key
         fig, ax = plt.subplots(figsize=(5, 3.2))
-        ax.plot(gens, [100 * r["dense_acc"] for r in self.history], "o-", label="dense $N_g$")
-        ax.plot(gens, [100 * r["fit_acc"] for r in self.history], "s-", label="fit hypothesis $H^F_g$")
+        ax.plot(gens, [100 * r["dense_" + key] for r in self.history], "o-", label="dense $N_g$")
+        ax.plot(gens, [100 * r["fit_" + key] for r in self.history], "s-", label="fit hypothesis $H^F_g$")
         ax.set_xlabel("generation")
-        ax.set_ylabel("test top-1 (%)")
+        ax.set_ylabel(f"test {name} (%)" + (" on unseen classes" if self.cfg.task == "metric" else ""))
         ax.set_title(f"KE {self.cfg.split.upper()} {self.cfg.split_rate}")
         ax.grid(alpha=0.3)
         ax.legend()

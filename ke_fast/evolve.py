@@ -159,6 +159,12 @@ def init_process_group(backend: str, **kwargs: Any) -> None:
     dist.init_process_group(backend, **kwargs)
 
 
+def headline_metric(task: str) -> tuple[str, str]:
+    """The headline metric of a task: (history key suffix, its name): ("acc", "top-1") for "classify",
+    ("recall1", "Recall@1") for "metric"; the history has ``dense_<suffix>`` and ``fit_<suffix>``."""
+    return ("recall1", "Recall@1") if task == "metric" else ("acc", "top-1")
+
+
 def _lr_lambda(cfg: Config, steps_per_epoch: int) -> Callable[[int], float]:
     warm = cfg.warmup_epochs * steps_per_epoch
     total = cfg.epochs * steps_per_epoch
@@ -393,7 +399,7 @@ class Evolution:
     @property
     def metric_key(self) -> tuple[str, str]:
         """The headline metric of the task: (history key suffix, its name), e.g. ("acc", "top-1")."""
-        return ("recall1", "Recall@1") if self.cfg.task == "metric" else ("acc", "top-1")
+        return headline_metric(self.cfg.task)
 
     def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The training loss of a batch: label-smoothed cross-entropy, or the metric loss (``self.criterion``)."""

@@ -25,11 +25,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
 
-from .evolve import RUN_FILES, Config, Evolution
+from .evolve import RUN_FILES, Config, Evolution, headline_metric
 
 BASELINES = ("long",)
 STUDY_FILES = ("summary.json", "results.md", "plot.png")  # what a study writes into <out> itself
-METRICS = ("dense_acc", "fit_acc")
 STD = "sample standard deviation over the seeds (numpy ddof=1); null with one seed"
 
 
@@ -49,7 +48,8 @@ def baseline_config(config: Config) -> Config:
     is fit, so the masks select everything, fit == dense, and as there is no second generation nothing is
     ever reset. Everything else (lr, warm-up, batch size, seed, initial weights, data order) is unchanged;
     the layers train through their own forward (dense mode), so this is plain dense training."""
-    return replace(config.validate(), split_rate=1.0, generations=1, epochs=config.generations * config.epochs)
+    return replace(config.validate(), split_rate=1.0, generations=1, epochs=config.generations * config.epochs,
+                   mask_criterion="random", resample_mask=False, reset_from=None)
 
 
 def study_files(out: str | Path) -> list[Path]:
@@ -83,31 +83,38 @@ def _stat(values: Sequence[float]) -> dict[str, Any]:
     return dict(mean=float(v.mean()), std=float(v.std(ddof=1)) if len(v) > 1 else None, values=[float(x) for x in v])
 
 
-def aggregate(histories: Mapping[int, list[dict]], baselines: Mapping[int, dict] | None = None) -> dict[str, Any]:
-    """Mean and sample std (ddof=1) over the seeds of dense and fit accuracy, per generation.
+def aggregate(histories: Mapping[int, list[dict]], baselines: Mapping[int, dict] | None = None,
+              task: str = "classify") -> dict[str, Any]:
+    """Mean and sample std (ddof=1) over the seeds of the task's headline metric (top-1 accuracy, or
+    Recall@1 for ``task="metric"``, see :func:`ke_fast.evolve.headline_metric`) of the dense and the fit
+    network, per generation.
 
     Args:
         histories: {seed: an Evolution history (one dict per generation)}; every seed needs the same
             generations.
         baselines: {seed: the baseline's last history row}, the same seeds, or None.
 
-    Returns ``{"seeds", "std", "generations": [{"generation", "dense_acc": stat, "fit_acc": stat}],
-    "final": {metric: stat}, "baseline": {metric: stat} or None}``, where a stat is ``{"mean", "std",
+    Returns ``{"seeds", "std", "metric": {"dense", "fit", "name"}, "generations": [{"generation",
+    "dense_acc": stat, "fit_acc": stat}], "final": {key: stat}, "baseline": {key: stat} or None}`` (the keys
+    are the history's, e.g. ``dense_recall1`` for metric learning), where a stat is ``{"mean", "std",
     "values"}`` with the values in the order of the seeds."""
+    suffix, name = headline_metric(task)
+    metrics = (f"dense_{suffix}", f"fit_{suffix}")
     seeds = list(histories)
     if not seeds:
         raise ValueError("histories must hold at least one seed")
     gens = {s: [r["generation"] for r in h] for s, h in histories.items()}
     if any(g != gens[seeds[0]] or not g for g in gens.values()):
         raise ValueError(f"every seed needs the same, non-empty generations, got {gens}")
-    rows = [dict(generation=g, **{m: _stat([histories[s][i][m] for s in seeds]) for m in METRICS})
+    rows = [dict(generation=g, **{m: _stat([histories[s][i][m] for s in seeds]) for m in metrics})
             for i, g in enumerate(gens[seeds[0]])]
     base = None
     if baselines is not None:
         if list(baselines) != seeds:
             raise ValueError(f"baselines must hold the seeds of histories {seeds}, got {list(baselines)}")
-        base = {m: _stat([baselines[s][m] for s in seeds]) for m in METRICS}
-    return dict(seeds=seeds, std=STD, generations=rows, final={m: rows[-1][m] for m in METRICS}, baseline=base)
+        base = {m: _stat([baselines[s][m] for s in seeds]) for m in metrics}
+    return dict(seeds=seeds, std=STD, metric=dict(dense=metrics[0], fit=metrics[1], name=name), generations=rows,
+                final={m: rows[-1][m] for m in metrics}, baseline=base)
 
 
 def _pct(stat: dict) -> str:
@@ -119,23 +126,25 @@ def results_markdown(summary: Mapping[str, Any]) -> str:
     """results.md: the per-generation table (mean ± std over the seeds, the baseline below KE's last
     generation) and the last generation and the baseline of every seed."""
     cfg, seeds, base = summary["config"], summary["seeds"], summary["baseline"]
+    dense, fit, name = summary["metric"]["dense"], summary["metric"]["fit"], summary["metric"]["name"]
     g, e = cfg["generations"], cfg["epochs"]
     setup = ", ".join(f"{k} {v}" for k, v in (summary.get("identity") or {}).items() if v is not None)
     lines = [f"# KE {cfg['split'].upper()} {cfg['split_rate']}: {len(seeds)} seed(s) ({', '.join(map(str, seeds))})",
              "",
              f"{g} generations x {e} epochs, lr {cfg['lr']}, batch {cfg['batch_size']}, warm-up {cfg['warmup_epochs']} "
              f"epochs, evolve mode {cfg['evolve_mode']}" + (f"; {setup}" if setup else "") + ".",
-             "Test top-1 (%), mean ± sample standard deviation over the seeds (ddof=1; n/a with one seed).",
+             f"Test {name} (%)" + (" on classes unseen in training" if cfg.get("task") == "metric" else "")
+             + ", mean ± sample standard deviation over the seeds (ddof=1; n/a with one seed).",
              "", "| generation | dense N_g | fit H^F_g |", "|---:|---:|---:|"]
-    lines += [f"| {r['generation']} | {_pct(r['dense_acc'])} | {_pct(r['fit_acc'])} |" for r in summary["generations"]]
+    lines += [f"| {r['generation']} | {_pct(r[dense])} | {_pct(r[fit])} |" for r in summary["generations"]]
     if base is not None:
-        lines.append(f"| long dense baseline, {g * e} epochs | {_pct(base['dense_acc'])} | (no split) |")
+        lines.append(f"| long dense baseline, {g * e} epochs | {_pct(base[dense])} | (no split) |")
     last = summary["generations"][-1]["generation"]
     lines += ["", f"Per seed (generation {last}" + (", and the baseline" if base else "") + "):", "",
               f"| seed | dense N_{last} | fit H^F_{last} |" + (" long baseline |" if base else ""),
               "|---:|---:|---:|" + ("---:|" if base else "")]
     for i, s in enumerate(seeds):
-        cells = [summary["final"][m]["values"][i] for m in METRICS] + ([base["dense_acc"]["values"][i]] if base else [])
+        cells = [summary["final"][m]["values"][i] for m in (dense, fit)] + ([base[dense]["values"][i]] if base else [])
         lines.append(f"| {s} | " + " | ".join(f"{100 * v:.1f}" for v in cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -149,9 +158,10 @@ def plot(summary: Mapping[str, Any], path: str | Path) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
+    dense, name = summary["metric"]["dense"], summary["metric"]["name"]
     gens = np.array([r["generation"] for r in summary["generations"]])
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    for metric, style, label in (("dense_acc", "o-", "dense $N_g$"), ("fit_acc", "s-", "fit hypothesis $H^F_g$")):
+    for metric, style, label in ((dense, "o-", "dense $N_g$"), (summary["metric"]["fit"], "s-", "fit hypothesis $H^F_g$")):
         mean = 100 * np.array([r[metric]["mean"] for r in summary["generations"]])
         (line,) = ax.plot(gens, mean, style, label=label)
         if len(summary["seeds"]) > 1:
@@ -160,13 +170,13 @@ def plot(summary: Mapping[str, Any], path: str | Path) -> None:
     base = summary["baseline"]
     if base is not None:
         cfg = summary["config"]
-        std = base["dense_acc"]["std"]
-        ax.errorbar([gens[-1]], [100 * base["dense_acc"]["mean"]], yerr=None if std is None else [100 * std],
+        std = base[dense]["std"]
+        ax.errorbar([gens[-1]], [100 * base[dense]["mean"]], yerr=None if std is None else [100 * std],
                     fmt="D", color="black", capsize=4,
                     label=f"long dense baseline ({cfg['generations'] * cfg['epochs']} epochs)")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("generation")
-    ax.set_ylabel("test top-1 (%)")
+    ax.set_ylabel(f"test {name} (%)")
     ax.set_title(f"KE {summary['config']['split'].upper()} {summary['config']['split_rate']}, "
                  f"{len(summary['seeds'])} seed(s), mean ± std")
     ax.grid(alpha=0.3)
@@ -229,7 +239,7 @@ class Study:
                          f"{baseline_dir(self.out, seed)}")
                 baselines[seed] = self._one(seed, cfg, baseline_dir(self.out, seed), resume)[-1]
         self.current = None
-        summary = dict(aggregate(histories, baselines), config={k: v for k, v in asdict(self.config).items()
+        summary = dict(aggregate(histories, baselines, self.config.task), config={k: v for k, v in asdict(self.config).items()
                                                                 if k != "seed"},
                        identity=self.identity)
         if self.baseline:

@@ -18,7 +18,7 @@ from ke_fast import cli
 from ke_fast.data import digits
 from ke_fast.evolve import Config, Evolution, load_checkpoint
 from ke_fast.models import build_model
-from ke_fast.study import Study, aggregate, baseline_config, study_files
+from ke_fast.study import Study, aggregate, baseline_config, plot, results_markdown, study_files
 
 SEEDS = [0, 1, 2]
 GENS, EPOCHS = 2, 2
@@ -246,6 +246,22 @@ def test_aggregate_by_hand():
         aggregate({0: histories[3], 1: []})
     with pytest.raises(ValueError, match="baselines"):
         aggregate(histories, {3: dict(dense_acc=0.6, fit_acc=0.6)})
+
+
+def test_aggregate_metric_task_reads_recall_and_labels_it(tmp_path):
+    """--task metric: the study's table and plot are over Recall@1 (the history has no accuracy)."""
+    histories = {s: [dict(generation=1, dense_recall1=r, fit_recall1=r - 0.1, dense_recall4=1.0, fit_recall4=1.0)]
+                 for s, r in ((0, 0.5), (1, 0.7))}
+    s = aggregate(histories, task="metric")
+    assert s["metric"] == dict(dense="dense_recall1", fit="fit_recall1", name="Recall@1")
+    assert s["generations"][0]["fit_recall1"]["mean"] == pytest.approx(0.5)
+    summary = dict(s, config=dict(Config(task="metric").__dict__), identity=None)
+    text = results_markdown(summary)
+    assert "Recall@1" in text and "| 1 | 60.0 ± 14.1 | 50.0 ± 14.1 |" in text
+    plot(summary, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 0
+    with pytest.raises(KeyError):
+        aggregate(histories)  # classification keys are not in a metric history
 
 
 @pytest.mark.parametrize("kwargs, words", [

@@ -282,7 +282,10 @@ class ReinitPlan:
     Args:
         weights: contiguous fp32/fp16/bf16/fp64 tensors on one device (conv/linear weights and biases).
         masks: one per weight: packed int32 words (``ceil(numel/32)``) or a bool/uint8/float 0-1 tensor
-            of the weight's shape (e.g. the official KE code's float ``mask``). 1 = fit (kept).
+            of the weight's shape (e.g. the official KE code's float ``mask``). 1 = fit (kept). Dense masks
+            are validated and packed once per mask tensor and version (a cache keyed weakly on the tensor),
+            so building a plan every generation from the same masks (the one-shot use) skips that work;
+            the launch tables are likewise cached per set of sizes.
         seed: the run's seed (Philox key), an int in [0, 2^64).
         init: reset scheme, one of ``kernels.SCHEMES``; default the official KE reset U(+-1/sqrt(fan_in)).
         fans: per weight ``(fan_in, fan_out)`` or None to derive it from the shape (required for 1-D

@@ -308,8 +308,9 @@ class FitGroup:
             results = ops.masked_weights([t for _, _, t, _ in items], [w for _, _, _, w in items], dtype)
             for (i, slot, _, _), r in zip(items, results):
                 out[i][slot] = r
-            if grad:  # the values are spent once the backward has gone through them
-                results[0].register_hook(functools.partial(_spend, weakref.ref(self), refresh))
+            tracked = next((r for r in results if r.requires_grad), None) if grad else None
+            if tracked is not None:  # the values are spent once the backward has gone through them
+                tracked.register_hook(functools.partial(_spend, weakref.ref(self), refresh))
         for (m, st), (w, b) in zip(todo, out):
             m._ke_fit = (st, w, b, refresh)
 

@@ -139,16 +139,18 @@ def reset_entries_(weights: list[torch.Tensor], words: list[torch.Tensor], table
 
 # The kernel reaches every tensor as an offset from the lowest-addressed one, so the offsets are taken from
 # the tensors actually passed (a clone made by functionalization or opcheck has other addresses) and kept
-# on the table object, per address set: repeated resets of the same tensors do no host work beyond
-# reading their addresses.
+# on the table object, per layout (the addresses relative to the lowest ones, and the element size): repeated
+# launches on the same tensors, or on tensors laid out alike (e.g. the gradients of the multi-tensor masked
+# weight, consecutive views of one new buffer every step), do no host work beyond reading their addresses.
 _MAX_ADDRESS_SETS = 8
 
 
 def addressed(table: torch.Tensor, weights: list[torch.Tensor], w_ptrs: list[int], words: list[torch.Tensor],
               m_ptrs: list[int]) -> torch.Tensor:
     """``table`` with columns 0 and 1 set to every tensor's element offset from the lowest-addressed weight
-    / mask words (``w_ptrs`` / ``m_ptrs``: their data pointers); cached on the table per address set."""
-    key = (*w_ptrs, *m_ptrs)
+    / mask words (``w_ptrs`` / ``m_ptrs``: their data pointers); cached on the table per layout."""
+    w_low, m_low = min(w_ptrs), min(m_ptrs)
+    key = (weights[0].element_size(), *(p - w_low for p in w_ptrs), *(p - m_low for p in m_ptrs))
     per_table = table.__dict__.setdefault("_ke_addressed", {})
     filled = per_table.get(key)
     if filled is None:

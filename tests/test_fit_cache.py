@@ -265,3 +265,36 @@ def test_reinit_plan_caches_packed_float_masks(monkeypatch):
     del masks
     gc.collect()
     assert len(kreinit._PACKED) <= n - 2  # weakly keyed: the entries die with their masks
+
+
+def test_multi_tensor_table_offsets_follow_the_layout_not_the_addresses():
+    """The launch offsets are cached per layout: two sets of tensors laid out alike share one filled table,
+    a set laid out otherwise gets its own (and both give the right values)."""
+    table, _ = K.masked.masks_table((4, 6), torch.device("cpu"))
+    words = [K.pack_mask(torch.ones(4)), K.pack_mask(torch.ones(6))]
+    a, b = torch.arange(10.0), torch.arange(10.0) + 100
+    first = kreinit.addressed(table, list(a.split([4, 6])), [t.data_ptr() for t in a.split([4, 6])], words,
+                              [w.data_ptr() for w in words])
+    same = kreinit.addressed(table, list(b.split([4, 6])), [t.data_ptr() for t in b.split([4, 6])], words,
+                             [w.data_ptr() for w in words])
+    assert same is first and first[:, 0].tolist() == [0, 4]
+    c = torch.arange(16.0)
+    parts = [c[10:14], c[:6]]  # the second tensor lies first in memory
+    other = kreinit.addressed(table, parts, [t.data_ptr() for t in parts], words, [w.data_ptr() for w in words])
+    assert other is not first and other[:, 0].tolist() == [10, 0]
+
+
+def test_batched_path_with_a_frozen_layer(monkeypatch):
+    monkeypatch.setitem(knn.TRAIN_PATH, "cpu", "batched")
+    net = _model()
+    net[0].requires_grad_(False)
+    ke_fast.set_mode(net, "fit")
+    x = _input()
+    for _ in range(2):
+        net.zero_grad(set_to_none=True)
+        net(x).square().sum().backward()
+        want = _oracle_grads(net, x)
+        assert net[0].weight.grad is None
+        for name, p in net.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(p.grad, want[name], **TOL[torch.float32])

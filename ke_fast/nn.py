@@ -45,8 +45,9 @@ TRAIN_PATHS = ("op", "eager", "batched")
 # CUDA: "eager", from the maintainers' H100 measurements (shared/gpu-results/h100-2026-11-25): the fused kernel
 # costs 0.05-0.08 ms per layer from Python against 0.005-0.01 ms for eager (w*M).to(dtype), and a fit-mode step
 # with it was 1.79x the dense step where a plain W*M step was 1.03x. "batched" was not measured on a GPU: compare
-# with benchmarks/test_bench_masked.py (test_train_step[fit-*]) before changing this. CPU: "eager", measured on a
-# 2-core EPYC (ResNet-18 small stem, batch 32; the module note in benchmarks/test_bench_masked.py has the figures).
+# with benchmarks/test_bench_masked.py (test_train_step[fit-*]) before changing this. CPU: "eager"; on a 2-core
+# EPYC (ResNet-18 small stem, batch 32) eager and op were even (0.97-1.02x the dense step) and batched 1.07-1.11x
+# (the module note of benchmarks/test_bench_masked.py has the figures).
 TRAIN_PATH: dict[str, str] = {"cuda": "eager", "cpu": "eager"}
 
 

@@ -153,7 +153,8 @@ class MaskedLayer:
             self._ke_group = FitGroup([self])
 
     def fit_params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(W*M, b*M_out) in the compute dtype (the autocast dtype when autocast is on)."""
+        """(W*M, b*M_out) in the compute dtype (the autocast dtype when autocast is on). With gradients off
+        these are the layer's cached tensors: read them, do not modify them in place."""
         return self._masked_params(self._compute_dtype())
 
     # The methods below run on every fit-mode forward: they read the Parameters and buffers from their dicts
@@ -257,9 +258,9 @@ class FitGroup:
     """The masked layers of one model in fit mode: their W*M are computed together, in one
     ``ke_fast::masked_weights`` call per (weight dtype, compute dtype) — one launch on a GPU.
 
-    Gradients off: each layer keeps its W*M until its state (weight / bias / mask version, address, dtype,
-    device, compute dtype) changes; the first layer that finds its value stale refreshes every stale layer
-    of the group. Gradients on (the "batched" training path): one refresh computes the W*M of all layers
+    Gradients off: each layer keeps its W*M until its state (weight / bias / mask identity, address and
+    version counter, compute dtype, inference mode) changes or a move / load / new mask drops it; the first
+    layer that finds its value stale refreshes every stale layer of the group. Gradients on (the "batched" training path): one refresh computes the W*M of all layers
     with autograd; a layer reuses its value until the backward reaches that refresh (then the values
     are spent: the next forward computes new ones) or its state changes.
 

@@ -23,7 +23,7 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from . import kernels as K
 from . import ops
 from .masks import check_mode, layer_mask, masked_layers, output_mask
-from .nn import MASKED_OF, MaskedLayer, masked_class
+from .nn import MASKED_OF, FitGroup, MaskedLayer, masked_class
 
 _CAT = (torch.cat, torch.concat)
 # reset plans per model (weakly keyed: a plan never outlives its model, and is never deep-copied or pickled)
@@ -379,25 +379,33 @@ def set_mode(model: nn.Module, mode: str) -> None:
     layers = masked_layers(model)
     if not layers:
         raise ValueError("model has no masked layer: call ke_fast.split(model) first")
+    group = FitGroup([m for _, m in layers]) if mode == "fit" else None
     for _, m in layers:
-        m.set_mode(mode)
+        m.set_mode(mode, group)
 
 
 @contextlib.contextmanager
 def fit_only(model: nn.Module) -> Iterator[nn.Module]:
     """Context manager: every masked layer computes with its fit hypothesis alone, restored on exit
-    (also on exception)."""
+    (also on exception).
+
+    The layers form one :class:`~ke_fast.nn.FitGroup`: with gradients off, the first forward computes every
+    layer's W*M in one ``ke_fast::masked_weights`` call per dtype and later forwards reuse them until a
+    weight, bias or mask changes. Layers that return to dense mode on exit drop them."""
     layers = masked_layers(model)
     if not layers:
         raise ValueError("model has no masked layer: call ke_fast.split(model) first")
-    before = [m.mode for _, m in layers]
+    before = [(m.mode, m._ke_group) for _, m in layers]
+    groups = {id(g) for _, g in before}
+    # a model already in fit mode through one set_mode / fit_only keeps its group (and its cached W*M)
+    group = before[0][1] if len(groups) == 1 and before[0][1] is not None else FitGroup([m for _, m in layers])
     try:
         for _, m in layers:
-            m.set_mode("fit")
+            m.set_mode("fit", group)
         yield model
     finally:
-        for (_, m), mode in zip(layers, before):
-            m.set_mode(mode)
+        for (_, m), (mode, previous) in zip(layers, before):
+            m.set_mode(mode, previous)
 
 
 # ---- graph analysis ---------------------------------------------------------------------------

@@ -6,6 +6,7 @@ Every op is defined once here and registers, per device, the kernel that runs it
 op                 ``cuda``                               ``cpu``
 =================  =====================================  ==========================================
 masked_weight      Triton (kernels/masked.py)             C++ (kernels/csrc), else the reference
+masked_weights     Triton, one launch for many tensors    C++ per tensor, else the reference
 wels_bits\\_        Triton (kernels/bitmask.py)            C++, else the reference
 reset_entries\\_    Triton (kernels/reinit.py)             C++, else the reference
 sparse_conv2d      Triton (kernels/sparse_conv.py)        the reference (decompress + F.conv2d)
@@ -13,8 +14,8 @@ sparse_linear      Triton (kernels/sparse_conv.py)        the reference (decompr
 =================  =====================================  ==========================================
 
 plus a fake (meta) kernel each, and an autograd formula where the op is differentiable
-(``masked_weight``: its gradient is ``grad * M``), so ``torch.compile(fullgraph=True)`` sees one opaque
-node per op and ``torch.library.opcheck`` passes. The kernels in ``kernels/`` are single-implementation
+(``masked_weight`` / ``masked_weights``: the gradient is ``grad * M``), so ``torch.compile(fullgraph=True)``
+sees one opaque node per op and ``torch.library.opcheck`` passes. The kernels in ``kernels/`` are single-implementation
 functions with one signature per op; nothing outside this file chooses between them.
 
 ``KE_FAST_BACKEND=auto|triton|cpp|reference`` (default ``auto``) is a debug override, read only by
@@ -148,6 +149,79 @@ def masked_weight(weight: torch.Tensor, words: torch.Tensor, dtype: Optional[tor
     return torch.ops.ke_fast.masked_weight.default(weight, words, dtype)
 
 
+def _masks_prepare(weights, words, table, tiles, dtype):
+    masked.check_many(weights, words, dtype)
+    if table.shape != (len(weights), masked.TABLE_COLUMNS) or table.dtype != torch.int64:
+        raise ValueError(f"table must be int64 of shape ({len(weights)}, {masked.TABLE_COLUMNS}) (kernels.masked."
+                         f"masks_table of the weights' sizes), got {table.dtype} of shape {tuple(table.shape)}")
+    return weights, words, table, tiles, dtype
+
+
+_masks_op = _define("masked_weights",
+                    "(Tensor[] weights, Tensor[] words, Tensor table, Tensor tiles, ScalarType dtype) -> Tensor",
+                    {"triton": masked.apply_masks, "cpp": cpu.apply_masks, "reference": reference.apply_masks},
+                    _masks_prepare)
+
+
+@_masks_op.register_fake
+def _(weights, words, table, tiles, dtype):
+    masked.check_many(weights, words, dtype)
+    return weights[0].new_empty(sum(w.numel() for w in weights), dtype=dtype)
+
+
+def _masks_setup(ctx, inputs, output):
+    weights, words, table, tiles, _ = inputs
+    ctx.save_for_backward(table, tiles, *words)
+    ctx.weight_dtype = weights[0].dtype
+    ctx.shapes = [w.shape for w in weights]
+
+
+def _masks_backward(ctx, grad):
+    table, tiles, *words = ctx.saved_tensors
+    numels = [s.numel() for s in ctx.shapes]
+    flat = torch.ops.ke_fast.masked_weights.default(list(grad.contiguous().split(numels)), words, table, tiles,
+                                                    ctx.weight_dtype)
+    return [g.view(s) for g, s in zip(flat.split(numels), ctx.shapes)], [None] * len(words), None, None, None
+
+
+_masks_op.register_autograd(_masks_backward, setup_context=_masks_setup)
+
+# (table, tiles) of the multi-tensor masked weight per (device, tile size, sizes): built and copied to the device
+# once per set of layers (and then filled with their addresses once per address set, on the table itself)
+_MASK_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_MAX_MASK_TABLES = 16
+
+
+def masked_weights(weights: Sequence[torch.Tensor], words: Sequence[torch.Tensor],
+                   dtype: Optional[torch.dtype] = None) -> list[torch.Tensor]:
+    """``[(w * M).to(dtype) for w in weights]`` in one ``ke_fast::masked_weights`` call: one kernel launch on a
+    GPU for all the tensors (C++ / the reference run them one by one on a CPU). ``weights`` share one dtype
+    and device; ``words[i]`` are the packed mask words of ``weights[i]``; ``dtype`` defaults to the weights'.
+    The results are views of one flat tensor, in the weights' shapes (row-major). Differentiable: each
+    weight's gradient is ``grad * M`` (in one launch for all)."""
+    if isinstance(weights, torch.Tensor) or isinstance(words, torch.Tensor):
+        raise TypeError("weights and words must be lists of tensors")
+    weights, words = list(weights), list(words)
+    if not weights or len(weights) != len(words):
+        raise ValueError(f"masked_weights needs one words tensor per weight, at least one: got {len(weights)} "
+                         f"weights, {len(words)} words")
+    dtype = weights[0].dtype if dtype is None else dtype
+    kept = [i for i, w in enumerate(weights) if w.numel()]
+    outs = [w.new_empty(w.shape, dtype=dtype) for w in weights]
+    if kept:
+        xs = [weights[i].contiguous() for i in kept]
+        key = (xs[0].device, masked.block_size(), tuple(x.numel() for x in xs))
+        tables = _MASK_TABLES.get(key)
+        if tables is None:
+            if len(_MASK_TABLES) >= _MAX_MASK_TABLES:
+                _MASK_TABLES.pop(next(iter(_MASK_TABLES)))
+            tables = _MASK_TABLES[key] = masked.masks_table(key[2], key[0])
+        flat = torch.ops.ke_fast.masked_weights.default(xs, [words[i].contiguous() for i in kept], *tables, dtype)
+        for i, part in zip(kept, flat.split(key[2])):
+            outs[i] = part.view(weights[i].shape)
+    return outs
+
+
 # ---- WELS mask bits --------------------------------------------------------------------------------
 
 def _wels_prepare(out, numel, seed, stream, threshold):
@@ -210,7 +284,10 @@ class ReinitPlan:
     Args:
         weights: contiguous fp32/fp16/bf16/fp64 tensors on one device (conv/linear weights and biases).
         masks: one per weight: packed int32 words (``ceil(numel/32)``) or a bool/uint8/float 0-1 tensor
-            of the weight's shape (e.g. the official KE code's float ``mask``). 1 = fit (kept).
+            of the weight's shape (e.g. the official KE code's float ``mask``). 1 = fit (kept). Dense masks
+            are validated and packed once per mask tensor and version (a cache keyed weakly on the tensor),
+            so building a plan every generation from the same masks (the one-shot use) skips that work;
+            the launch tables are likewise cached per set of sizes.
         seed: the run's seed (Philox key), an int in [0, 2^64).
         init: reset scheme, one of ``kernels.SCHEMES``; default the official KE reset U(+-1/sqrt(fan_in)).
         fans: per weight ``(fan_in, fan_out)`` or None to derive it from the shape (required for 1-D

@@ -47,6 +47,10 @@ def specs() -> list[tuple[str, object, dict, dict, dict]]:
             out.append((f"masked[{src}->{dst}]", masked._masked_kernel,
                         {"out_ptr": dptr, "x_ptr": sptr, "m_ptr": "*i32", "numel": "i64", "BLOCK": "constexpr"},
                         {"BLOCK": masked.GPU_BLOCK}, {"num_warps": masked.GPU_NUM_WARPS}))
+            out.append((f"masked_multi[{src}->{dst}]", masked._masked_multi_kernel,
+                        {"out_ptr": dptr, "w_base": sptr, "m_base": "*i32", "meta": "*i64", "tile_tensor": "*i32",
+                         "BLOCK": "constexpr"},
+                        {"BLOCK": masked.GPU_BLOCK}, {"num_warps": masked.GPU_NUM_WARPS}))
     conv_sig = {"out_ptr": None, "x_ptr": None, "bits_ptr": "*i32", "vals_ptr": None, "offs_ptr": "*i64",
                 "bias_ptr": None, **{a: "i32" for a in ("M", "N", "K", "T", "NCHUNK", "H", "W", "C", "OH", "OW", "KW",
                                                         "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w")},

@@ -16,6 +16,14 @@ def apply_mask(x: torch.Tensor, words: torch.Tensor, dtype: torch.dtype) -> torc
     return backend.cpu_extension().apply_mask(x, words, dtype)
 
 
+def apply_masks(xs: list[torch.Tensor], words: list[torch.Tensor], table: torch.Tensor, tiles: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor:
+    """Every ``(xs[i] * M_i).to(dtype)`` into one flat tensor, one C++ call per tensor (``table`` / ``tiles``
+    unused)."""
+    ext = backend.cpu_extension()
+    return torch.cat([ext.apply_mask(x, w, dtype).reshape(-1) for x, w in zip(xs, words)])
+
+
 def wels_bits_(out: torch.Tensor, numel: int, seed: int, stream: int, threshold: int) -> None:
     """WELS mask words of a ``numel``-element weight into ``out`` (seed/stream as int64)."""
     out.copy_(backend.cpu_extension().wels_bits(numel, seed, stream, threshold))

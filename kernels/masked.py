@@ -3,6 +3,11 @@
 The same kernel serves both directions: it reads the packed mask, loads only the kept entries and
 writes every output entry in the output dtype (e.g. bf16 under autocast), so the masked copy and the
 cast cost one read and one write instead of two of each.
+
+The multi-tensor form (:func:`apply_masks`) does the same for many tensors of one dtype in one launch:
+the outputs are written one after the other into one flat tensor. Like the reset, it reaches every
+input as an offset from the lowest-addressed one, through a table built once per set of sizes
+(:func:`masks_table`): a GPU pays one launch for all the layers of a model instead of one per layer.
 """
 from __future__ import annotations
 
@@ -12,11 +17,23 @@ import triton.language as tl
 
 from . import backend
 from .bitmask import num_words
+from .reinit import addressed
 from .rng import cast_rtne
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 GPU_BLOCK = 2048
 GPU_NUM_WARPS = 8
+TABLE_COLUMNS = 5  # a masks table row: (w_off, m_off, numel, out_off, first tile)
+
+
+@triton.jit
+def _cast_out(x, dtype: tl.constexpr):
+    """A loaded value in the output dtype: bf16 rounded to nearest even by hand (see cast_rtne), the
+    others by a plain conversion (fp64 stays exact)."""
+    if dtype == tl.bfloat16:
+        return cast_rtne(x.to(tl.float32), dtype)
+    else:
+        return x.to(dtype)
 
 
 @triton.jit
@@ -30,7 +47,29 @@ def _masked_kernel(out_ptr, x_ptr, m_ptr, numel, BLOCK: tl.constexpr):
     word = tl.load(m_ptr + (offs >> 5), mask=inb, other=0)
     keep = ((word >> (offs & 31).to(tl.int32)) & 1) != 0
     x = tl.load(x_ptr + offs, mask=inb & keep, other=0.0)
-    tl.store(out_ptr + offs, cast_rtne(x.to(tl.float32), out_ptr.dtype.element_ty), mask=inb)
+    tl.store(out_ptr + offs, _cast_out(x, out_ptr.dtype.element_ty), mask=inb)
+
+
+@triton.jit
+def _masked_multi_kernel(out_ptr, w_base, m_base, meta, tile_tensor, BLOCK: tl.constexpr):
+    """One tile = BLOCK consecutive elements of one tensor of a :func:`masks_table`.
+
+    out_ptr: the flat output; w_base / m_base: the lowest-addressed input / mask words of the launch,
+    every tensor is reached as ``base + offset`` (elements). meta: int64 [T, 5] rows (w_off, m_off,
+    numel, out_off, first tile); tile_tensor: int32 [n_tiles], the row of each tile."""
+    pid = tl.program_id(0)
+    row = meta + tl.load(tile_tensor + pid).to(tl.int64) * 5
+    w_off = tl.load(row)
+    m_off = tl.load(row + 1)
+    numel = tl.load(row + 2)
+    out_off = tl.load(row + 3)
+    first = tl.load(row + 4)
+    offs = (pid - first).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < numel
+    word = tl.load(m_base + m_off + (offs >> 5), mask=inb, other=0)
+    keep = ((word >> (offs & 31).to(tl.int32)) & 1) != 0
+    x = tl.load(w_base + w_off + offs, mask=inb & keep, other=0.0)
+    tl.store(out_ptr + out_off + offs, _cast_out(x, out_ptr.dtype.element_ty), mask=inb)
 
 
 def check_args(x: torch.Tensor, words: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
@@ -54,6 +93,58 @@ def apply_mask(x: torch.Tensor, words: torch.Tensor, dtype: torch.dtype) -> torc
     ``ceil(numel / 32)`` contiguous int32 mask words on the same device; dtype the output dtype."""
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
     if x.numel():
-        block = 256 if backend.interpreting() else GPU_BLOCK
+        block = block_size()
         _masked_kernel[(triton.cdiv(x.numel(), block),)](out, x, words, x.numel(), BLOCK=block, num_warps=GPU_NUM_WARPS)
+    return out
+
+
+def block_size() -> int:
+    """Elements per program: 256 under the interpreter (odd test shapes span several tiles), else GPU_BLOCK."""
+    return 256 if backend.interpreting() else GPU_BLOCK
+
+
+def check_many(xs: list[torch.Tensor], words: list[torch.Tensor], dtype: torch.dtype) -> None:
+    """Validate the arguments of a multi-tensor masked weight: at least one tensor; contiguous inputs of one
+    dtype and device, each with its mask words (:func:`check_args`)."""
+    if not xs or len(xs) != len(words):
+        raise ValueError(f"masked weights need one words tensor per weight, at least one: got {len(xs)} weights, "
+                         f"{len(words)} words")
+    for i, (x, w) in enumerate(zip(xs, words)):
+        if x.dtype != xs[0].dtype or x.device != xs[0].device:
+            raise ValueError(f"weights[{i}] is {x.dtype} on {x.device}, weights[0] {xs[0].dtype} on {xs[0].device}: "
+                             f"one launch takes one dtype and device")
+        if not x.is_contiguous() or not w.is_contiguous():
+            raise ValueError(f"weights[{i}] and words[{i}] must be contiguous")
+        check_args(x, w, dtype)
+
+
+def masks_table(numels: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(table, tiles) of a multi-tensor masked weight over tensors of these sizes, on ``device``.
+
+    table: int64 [T, 5] rows (0, 0, numel, out_off, first tile); the Triton launcher fills the first two
+    columns from the tensors it is given (:func:`.reinit.addressed`). tiles: int32 [n_tiles], the row of
+    each tile. Empty tensors get no tile. The CPU kernels read numel and out_off only."""
+    block = block_size()
+    rows, counts, out_off, first = [], [], 0, 0
+    for n in numels:
+        nt = triton.cdiv(n, block)
+        rows.append([0, 0, n, out_off, first])
+        counts.append(nt)
+        out_off += n
+        first += nt
+    table = torch.tensor(rows, dtype=torch.int64).reshape(len(numels), TABLE_COLUMNS).to(device)
+    tiles = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), torch.tensor(counts)).to(device)
+    return table, tiles
+
+
+def apply_masks(xs: list[torch.Tensor], words: list[torch.Tensor], table: torch.Tensor, tiles: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor:
+    """Triton: every ``(xs[i] * M_i).to(dtype)`` flattened one after the other into one new flat tensor, in
+    one launch. Args validated by :func:`check_many`; (table, tiles) from :func:`masks_table` of their sizes."""
+    out = torch.empty(sum(x.numel() for x in xs), dtype=dtype, device=xs[0].device)
+    if tiles.numel():
+        w_ptrs, m_ptrs = [x.data_ptr() for x in xs], [w.data_ptr() for w in words]
+        w_base, m_base = xs[w_ptrs.index(min(w_ptrs))], words[m_ptrs.index(min(m_ptrs))]
+        _masked_multi_kernel[(tiles.numel(),)](out, w_base, m_base, addressed(table, xs, w_ptrs, words, m_ptrs), tiles,
+                                               BLOCK=block_size(), num_warps=GPU_NUM_WARPS)
     return out

@@ -185,6 +185,13 @@ def apply_mask(x: torch.Tensor, words: torch.Tensor, dtype: torch.dtype) -> torc
     return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device)).to(dtype)
 
 
+def apply_masks(xs: list[torch.Tensor], words: list[torch.Tensor], table: torch.Tensor, tiles: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor:
+    """Every ``(xs[i] * M_i).to(dtype)`` flattened one after the other into one tensor (``table`` / ``tiles``
+    unused: the sizes are the tensors')."""
+    return torch.cat([apply_mask(x, w, dtype).reshape(-1) for x, w in zip(xs, words)])
+
+
 def table_rows(table: torch.Tensor, prefix: int) -> list[tuple[int, int, int, float]]:
     """(row, stream, kind, scale) of every row of a reset table (``kernels.reinit.launch_table``).
 

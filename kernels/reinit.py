@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 import triton
 import triton.language as tl
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import backend, reference
 from .bitmask import num_words, pack_mask
@@ -132,20 +133,24 @@ def reset_entries_(weights: list[torch.Tensor], words: list[torch.Tensor], table
         return
     w_ptrs, m_ptrs = [x.data_ptr() for x in weights], [x.data_ptr() for x in words]
     w_base, m_base = weights[w_ptrs.index(min(w_ptrs))], words[m_ptrs.index(min(m_ptrs))]
-    _reinit_kernel[(tiles.numel(),)](w_base, m_base, _addressed(table, weights, w_ptrs, words, m_ptrs), tiles, seed,
+    _reinit_kernel[(tiles.numel(),)](w_base, m_base, addressed(table, weights, w_ptrs, words, m_ptrs), tiles, seed,
                                      prefix, BQ=tile_groups(), HAS_NORMAL=has_normal, num_warps=GPU_NUM_WARPS)
 
 
 # The kernel reaches every tensor as an offset from the lowest-addressed one, so the offsets are taken from
 # the tensors actually passed (a clone made by functionalization or opcheck has other addresses) and kept
-# on the table object, per address set: repeated resets of the same tensors do no host work beyond
-# reading their addresses.
+# on the table object, per layout (the addresses relative to the lowest ones, and the element size): repeated
+# launches on the same tensors, or on tensors laid out alike (e.g. the gradients of the multi-tensor masked
+# weight, consecutive views of one new buffer every step), do no host work beyond reading their addresses.
 _MAX_ADDRESS_SETS = 8
 
 
-def _addressed(table: torch.Tensor, weights: list[torch.Tensor], w_ptrs: list[int], words: list[torch.Tensor],
-               m_ptrs: list[int]) -> torch.Tensor:
-    key = (*w_ptrs, *m_ptrs)
+def addressed(table: torch.Tensor, weights: list[torch.Tensor], w_ptrs: list[int], words: list[torch.Tensor],
+              m_ptrs: list[int]) -> torch.Tensor:
+    """``table`` with columns 0 and 1 set to every tensor's element offset from the lowest-addressed weight
+    / mask words (``w_ptrs`` / ``m_ptrs``: their data pointers); cached on the table per layout."""
+    w_low, m_low = min(w_ptrs), min(m_ptrs)
+    key = (weights[0].element_size(), *(p - w_low for p in w_ptrs), *(p - m_low for p in m_ptrs))
     per_table = table.__dict__.setdefault("_ke_addressed", {})
     filled = per_table.get(key)
     if filled is None:
@@ -223,9 +228,24 @@ def _as_words(m: object, w: torch.Tensor, i: int) -> torch.Tensor:
         raise TypeError(f"masks[{i}] has dtype {m.dtype}; expected int32 packed words or a bool/uint8/float 0-1 mask")
     if m.shape != w.shape:
         raise ValueError(f"masks[{i}] has shape {tuple(m.shape)}, weights[{i}] has {tuple(w.shape)}")
+    state = None if m.is_inference() else (m._version, m.data_ptr())  # inference tensors keep no version
+    cached = _PACKED.get(m)
+    if cached is not None and state is not None and cached[0] == state:
+        return cached[1]
     if m.dtype != torch.bool and bool(((m != 0) & (m != 1)).any()):
         raise ValueError(f"masks[{i}] must hold only 0 and 1")
-    return pack_mask(m)
+    words = pack_mask(m)
+    if state is not None:
+        _PACKED[m] = (state, words)
+    return words
+
+
+# Packed words of the dense 0/1 masks given to ``prepare`` (what the official KE code passes every generation),
+# keyed weakly on the mask tensor itself and checked against its version counter and address: a repeated
+# one-shot reset with the same masks skips the validation pass and the packing, an in-place change of a mask
+# re-packs it, and an entry dies with its mask (the words do not refer to the mask). Inference tensors keep
+# no version counter: they are packed every call.
+_PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def dtype_groups(jobs: list[_Job]) -> list[list[_Job]]:
@@ -259,17 +279,34 @@ def launch_table(group: list[_Job]) -> tuple[list[torch.Tensor], list[torch.Tens
     fills the first two columns (the element offsets of the weight and of its words from the lowest-
     addressed ones) from the tensors it is given. tiles: int32 [n_tiles], the row of each tile of the
     Triton launch."""
-    has_normal = any(j.kind == reference.KIND_NORMAL for j in group)
-    bq = tile_groups()
+    key = (group[0].weight.device, tile_groups(), tuple((j.weight.numel(), j.layer, j.kind, j.scale) for j in group))
+    cached = _TABLES.pop(key, None)
+    if cached is None:
+        cached = _new_table(key)
+    elif len(_TABLES) >= _MAX_TABLES:
+        _TABLES.pop(next(iter(_TABLES)))
+    _TABLES[key] = cached  # most recently used last
+    table, tiles, has_normal = cached
+    return [j.weight for j in group], [j.words for j in group], table, tiles, has_normal
+
+
+# Launch tables per (device, tile size, rows): a one-shot reset of the same layers (a new ReinitPlan every
+# generation) finds its table here, with the offsets already filled for its tensors' addresses (:func:`addressed`),
+# and does not copy it to the device again. A table holds no reference to any tensor of the reset.
+_MAX_TABLES = 16
+_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor, bool]] = {}
+
+
+def _new_table(key: tuple) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    device, bq, jobs = key
     rows, counts = [], []
     first = 0
-    for j in group:
-        nt = triton.cdiv(triton.cdiv(j.weight.numel(), 4), bq)
-        scale_bits = int(torch.tensor(j.scale, dtype=torch.float32).view(torch.int32))
-        rows.append([0, 0, j.weight.numel(), j.layer, j.kind, scale_bits, first, 0])
+    for numel, layer, kind, scale in jobs:
+        nt = triton.cdiv(triton.cdiv(numel, 4), bq)
+        scale_bits = int(torch.tensor(scale, dtype=torch.float32).view(torch.int32))
+        rows.append([0, 0, numel, layer, kind, scale_bits, first, 0])
         counts.append(nt)
         first += nt
-    device = group[0].weight.device
     table = torch.tensor(rows, dtype=torch.int64).to(device)
-    tiles = torch.repeat_interleave(torch.arange(len(group), dtype=torch.int32), torch.tensor(counts)).to(device)
-    return [j.weight for j in group], [j.words for j in group], table, tiles, has_normal
+    tiles = torch.repeat_interleave(torch.arange(len(jobs), dtype=torch.int32), torch.tensor(counts)).to(device)
+    return table, tiles, any(kind == reference.KIND_NORMAL for _, _, kind, _ in jobs)

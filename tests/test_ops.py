@@ -50,6 +50,12 @@ def _op_args(name, device):
     words = ops.wels_mask_bits(w.shape, 0.5, seed=1, stream=2, device=device)
     if name == "masked_weight":
         return [(w.requires_grad_(True), words, torch.bfloat16), (w.detach(), words, None)]
+    if name == "masked_weights":
+        b = torch.randn(6, generator=g).to(device)
+        bias_words = K.pack_mask(torch.tensor([1, 0, 1, 0, 0, 1], dtype=torch.bool)).to(device)
+        table, tiles = K.masked.masks_table((w.numel(), b.numel()), torch.device(device))
+        return [([w.requires_grad_(True), b.requires_grad_(True)], [words, bias_words], table, tiles, torch.bfloat16),
+                ([w.detach(), b.detach()], [words, bias_words], table, tiles, torch.float32)]
     if name == "wels_bits_":
         return [(torch.empty(K.num_words(200), dtype=torch.int32, device=device), 200, 3, -5, 1 << 23)]
     if name == "reset_entries_":

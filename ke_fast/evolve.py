@@ -1,8 +1,12 @@
 """The KE generation loop: train dense -> evaluate N_g and H^F_g -> checkpoint -> reset -> fresh optimizer.
 
 Everything random is derived from the run seed and (generation, epoch): the initial weights, masks
-and resets come from the counter RNG, the data order from a generator seeded per epoch. A resumed run
-therefore continues bit for bit, and every DDP rank draws the same masks and resets without talking.
+and resets come from the counter RNG, the data order from a generator seeded per epoch and the augmentation
+of each batch from one seeded per (generation, epoch, batch) (ke_fast.batches). A resumed run therefore
+continues bit for bit, and every DDP rank draws the same masks and resets without talking.
+
+The data are tensors on the device (ke_fast.batches.Batches); the loss is summed on the device and read once
+per epoch; checkpoints are copied at a step boundary and written by a background thread.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,9 +25,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from . import kernels as K
+from .batches import Batches
 from .convert import fit_only, reinit_, reset_bn_, split
 from .masks import layer_mask, masked_layers
 
@@ -91,6 +97,60 @@ def save_atomic(obj: Any, path: Path, keep_previous: Path | None = None) -> None
     if keep_previous is not None and path.exists():
         os.replace(path, keep_previous)
     os.replace(tmp, path)
+
+
+def _snapshot(obj: Any) -> Any:
+    """A copy of ``obj`` (nested dicts / lists / tuples) whose tensors are CPU copies owned by nobody else:
+    what a background thread may write while training goes on. One device synchronisation at most."""
+    cuda = []
+
+    def copy(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            if x.device.type == "cuda":
+                cuda.append(x.device)
+                return x.detach().to("cpu", non_blocking=True)  # into pinned memory; synchronised below
+            return x.detach().clone()
+        if isinstance(x, dict):
+            return {k: copy(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(copy(v) for v in x)
+        return x
+
+    out = copy(obj)
+    for device in set(cuda):
+        torch.cuda.synchronize(device)
+    return out
+
+
+class _Writer:
+    """Writes one checkpoint at a time in a background thread: :meth:`submit` waits for the previous write,
+    :meth:`wait` for the current one; an error of the write (disk full ...) is raised by the next of either."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.done: Any = None  # the tag of the last write that completed
+
+    def submit(self, obj: Any, path: Path, keep_previous: Path, tag: Any) -> None:
+        self.wait()
+
+        def write() -> None:
+            try:
+                save_atomic(obj, path, keep_previous)
+                self.done = tag
+            except BaseException as exc:  # raised in the training thread by wait()
+                self._error = exc
+
+        self._thread = threading.Thread(target=write, name="ke_fast-checkpoint")
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -166,21 +226,34 @@ def _epoch_seed(seed: int, generation: int, epoch: int) -> int:
     return K.rng.stream_id(seed & ((1 << 62) - 1), generation, epoch) & ((1 << 62) - 1)
 
 
+def _fused_sgd_supported(device: torch.device) -> bool:
+    """torch.optim.SGD(fused=True) runs on CUDA and (torch >= 2.4) on CPU."""
+    return device.type in ("cuda", "cpu")
+
+
 class Evolution:
     """Runs KE on a model with a built-in classification trainer.
 
     Args:
         model: an unsplit model (it is split here with ``config``) or one already split.
-        train_set, test_set: map-style data sets of (input, label).
+        train_set, test_set: map-style data sets of (input, label): a :class:`ke_fast.data.ImageSet` (uint8
+            images, augmented and normalised per batch on the device), a TensorDataset, or any other, read
+            once into tensors (see :class:`ke_fast.batches.Batches`).
         config: the run's :class:`Config`.
         out_dir: where checkpoints (last.pt / prev.pt), history.csv, summary.json and plot.png go
             (rank 0 only).
         device: default CUDA when available.
-        progress: show tqdm bars (default: only when stdout is a terminal).
+        progress: show a tqdm bar for the whole run, with images/s and its ETA (default: only when stdout is
+            a terminal).
         identity: the caller's own description of the data and model (the CLI passes its flags, e.g.
             ``{"--per-class": 20, "--model": "resnet18"}``). Stored in every checkpoint with the sizes and
             fingerprints of both data sets and of the architecture; resuming refuses a checkpoint that
             differs in any of them.
+        checkpoint_every: minutes between checkpoints within a generation (written at the end of the first
+            epoch past that time); 0 = after every epoch. A checkpoint also closes every generation.
+        device_fraction: keep a data set on a CUDA device when it takes at most this fraction of the device's
+            memory (else pinned host memory, prefetched by a thread).
+        compile: ``torch.compile`` the training step (forward and loss; the backward follows).
 
     Attributes set by :meth:`run`: ``start``, the (generation, epoch) it started from (a generation past
     ``config.generations`` when it found a finished run), and ``saved``, the (generation, epoch) of the last
@@ -189,8 +262,13 @@ class Evolution:
 
     def __init__(self, model: nn.Module, train_set: Dataset, test_set: Dataset, config: Config,
                  out_dir: str | Path, device: str | torch.device | None = None, progress: bool | None = None,
-                 log: Callable[[str], None] = print, identity: dict[str, Any] | None = None) -> None:
+                 log: Callable[[str], None] = print, identity: dict[str, Any] | None = None,
+                 checkpoint_every: float = 10.0, device_fraction: float = 0.5, compile: bool = False) -> None:
         self.cfg = config.validate()
+        if not (checkpoint_every >= 0 and math.isfinite(checkpoint_every)):
+            raise ValueError(f"checkpoint_every must be a finite number of minutes >= 0, got {checkpoint_every}")
+        if not 0 <= device_fraction <= 1:
+            raise ValueError(f"device_fraction must be in [0, 1], got {device_fraction}")
         for name, data in (("train_set", train_set), ("test_set", test_set)):
             if len(data) == 0:  # an empty test set would report 0.0 accuracy as if measured
                 raise ValueError(f"{name} is empty")
@@ -216,14 +294,37 @@ class Evolution:
         self.identity = dict(identity or {}, train_images=len(train_set), test_images=len(test_set),
                              train_data=data_fingerprint(train_set), test_data=data_fingerprint(test_set),
                              architecture=architecture_fingerprint(self.model))
+        self.checkpoint_every = checkpoint_every
+        self._train = Batches(train_set, self.device, True, device_fraction, self.rank, self.world,
+                              self.channels_last)
+        self._test = Batches(test_set, self.device, False, device_fraction, channels_last=self.channels_last)
+        self._forward_loss = torch.compile(self._forward_loss_eager) if compile else self._forward_loss_eager
         self.history: list[dict] = []
         self.start: tuple[int, int] = (1, 0)
-        self.saved: tuple[int, int] | None = None
         self._last_loss = float("nan")
+        self._writer = _Writer()
+        self._saved_at = time.monotonic()
+        self._bar = None
+        # seconds spent per part of the run, for benchmarks and the curious
+        self.timings = dict(train=0.0, eval=0.0, checkpoint=0.0, reset=0.0)
+
+    @property
+    def saved(self) -> tuple[int, int] | None:
+        """The (generation, epoch) of the last checkpoint completely written (None before the first)."""
+        return self._writer.done
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self, resume: bool = False) -> list[dict]:
         """Run (or resume) all generations; returns the history (one dict per generation)."""
+        try:
+            return self._run(resume)
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+            self._writer.wait()  # the last checkpoint is on disk before run returns (or raises)
+
+    def _run(self, resume: bool) -> list[dict]:
         start_gen, start_epoch, opt_state, sched_state = 1, 0, None, None
         if resume:
             path = self.out / "last.pt"
@@ -254,9 +355,19 @@ class Evolution:
             else:
                 self.log(f"no checkpoint ({' / '.join(CHECKPOINTS)}) in {self.out} to resume from: starting afresh")
         self.start = (start_gen, start_epoch)
+        self._saved_at = time.monotonic()
+        if self.progress and self.rank == 0:
+            from tqdm import tqdm
+
+            epochs = (self.cfg.generations - start_gen + 1) * self.cfg.epochs - start_epoch
+            self._bar = tqdm(total=epochs * len(self._train) // self.world, unit="img", unit_scale=True,
+                             desc="KE", dynamic_ncols=True)
         for g in range(start_gen, self.cfg.generations + 1):
             if start_epoch == 0 and g > 1:
+                t0 = time.perf_counter()
                 self._evolve(g)
+                self._sync()
+                self.timings["reset"] += time.perf_counter() - t0
             self._generation(g, start_epoch, opt_state, sched_state)
             start_epoch, opt_state, sched_state = 0, None, None
         if self.rank == 0 and self.history:
@@ -302,20 +413,26 @@ class Evolution:
         cfg = self.cfg
         model = self.model
         net = nn.parallel.DistributedDataParallel(model) if self.world > 1 else model
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        steps = math.ceil(len(self.train_set) / self.world / cfg.batch_size)
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                              fused=_fused_sgd_supported(self.device))
+        steps = self._train.steps(cfg.batch_size)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps))
         if opt_state is not None:
             opt.load_state_dict(opt_state)
             sched.load_state_dict(sched_state)
         t0 = time.perf_counter()
         for epoch in range(start_epoch, cfg.epochs):
-            self._last_loss = self._train_epoch(net, opt, sched, g, epoch)
-            self._checkpoint(g, epoch + 1, opt, sched)
+            t1 = time.perf_counter()
+            self._last_loss = self._train_epoch(net, opt, sched, g, epoch)  # reads the device: synchronised
+            self.timings["train"] += time.perf_counter() - t1
+            if epoch + 1 < cfg.epochs and time.monotonic() - self._saved_at >= 60 * self.checkpoint_every:
+                self._checkpoint(g, epoch + 1, opt, sched)
         loss = self._last_loss
+        t1 = time.perf_counter()
         dense = self.evaluate()
         with fit_only(model):
             fit = self.evaluate()
+        self.timings["eval"] += time.perf_counter() - t1
         row = dict(generation=g, dense_acc=dense, fit_acc=fit, train_loss=loss,
                    epoch_time_s=(time.perf_counter() - t0) / max(1, cfg.epochs - start_epoch))
         self.history.append(row)
@@ -324,66 +441,71 @@ class Evolution:
         self.log(f"generation {g:2d}: dense N_g {100 * dense:5.1f} %   fit H^F_g {100 * fit:5.1f} %   "
                  f"loss {loss:.3f}")
 
-    def _loader(self, data: Dataset, shuffle: bool, seed: int) -> DataLoader:
-        if self.world > 1:
-            sampler = DistributedSampler(data, shuffle=shuffle, seed=seed)
-            return DataLoader(data, batch_size=self.cfg.batch_size, sampler=sampler)
-        gen = torch.Generator().manual_seed(seed)
-        return DataLoader(data, batch_size=self.cfg.batch_size, shuffle=shuffle, generator=gen)
+    def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The training loss of a batch: cross-entropy with label smoothing, in fp32."""
+        return F.cross_entropy(out.float(), y, label_smoothing=self.cfg.label_smoothing)
+
+    def _forward_loss_eager(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            out = net(x)
+        return self._loss(out, y)
 
     def _train_epoch(self, net: nn.Module, opt, sched, g: int, epoch: int) -> float:
+        """One epoch; returns the mean training loss, read from the device once."""
         seed = _epoch_seed(self.cfg.seed, g, epoch)
         torch.manual_seed(seed)  # dropout & co.: a function of (seed, generation, epoch) only
         net.train()
-        total, count = 0.0, 0
-        batches = self._loader(self.train_set, True, seed)
-        if self.progress and self.rank == 0:
-            from tqdm import tqdm
-
-            batches = tqdm(batches, desc=f"gen {g} epoch {epoch + 1}/{self.cfg.epochs}", leave=False)
-        for x, y in batches:
-            x, y = self._to_device(x), y.to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                out = net(x)
-            loss = F.cross_entropy(out.float(), y, label_smoothing=self.cfg.label_smoothing)
+        total, count = torch.zeros((), device=self.device), 0
+        if self._bar is not None:
+            self._bar.set_description(f"KE gen {g}/{self.cfg.generations} epoch {epoch + 1}/{self.cfg.epochs}")
+        for x, y in self._train.epoch(self.cfg.batch_size, self.cfg.seed, g, epoch):
+            loss = self._forward_loss(net, x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            total += loss.item() * len(y)
+            total += loss.detach() * len(y)
             count += len(y)
-        return total / max(1, count)
+            if self._bar is not None:
+                self._bar.update(len(y))
+        mean = total.item() / max(1, count)
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{mean:.3f}")
+        return mean
 
-    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device, non_blocking=True)
-        if x.dim() == 4 and self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     @torch.no_grad()
     def evaluate(self, data: Dataset | None = None) -> float:
-        """Top-1 accuracy of the model as it is (dense, or fit inside ``fit_only``)."""
+        """Top-1 accuracy of the model as it is (dense, or fit inside ``fit_only``) on ``data`` (default: the
+        test set, kept on the device); one read from the device."""
         self.model.eval()
-        correct, total = 0, 0
-        for x, y in DataLoader(data if data is not None else self.test_set, batch_size=256):
+        batches = self._test if data is None else Batches(data, self.device, False, channels_last=self.channels_last)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        for x, y in batches.epoch(256):
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                pred = self.model(self._to_device(x)).argmax(1)
-            correct += int((pred.cpu() == y).sum())
-            total += len(y)
-        return correct / max(1, total)
+                pred = self.model(x).argmax(1)
+            correct += (pred == y).sum()
+        return correct.item() / max(1, len(batches))
 
     # -- files --------------------------------------------------------------------------------
     def _checkpoint(self, g: int, epoch: int, opt, sched) -> None:
+        """Copy the state now (a step boundary) and write it in the background (last.pt, the one before it
+        prev.pt); the previous write completes first."""
+        self._saved_at = time.monotonic()
         if self.rank != 0:
             return
+        t0 = time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)
-        ckpt = dict(model=self.model.state_dict(), generation=g, epoch=epoch, history=self.history,
-                    config=asdict(self.cfg), identity=self.identity,
-                    optimizer=None if opt is None else opt.state_dict(),
-                    scheduler=None if sched is None else sched.state_dict(), train_loss=self._last_loss,
-                    rng=dict(torch=torch.get_rng_state()))
-        save_atomic(ckpt, self.out / "last.pt", keep_previous=self.out / "prev.pt")
-        self.saved = (g, epoch)
+        ckpt = _snapshot(dict(model=self.model.state_dict(), generation=g, epoch=epoch, history=self.history,
+                              config=asdict(self.cfg), identity=self.identity,
+                              optimizer=None if opt is None else opt.state_dict(),
+                              scheduler=None if sched is None else sched.state_dict(), train_loss=self._last_loss,
+                              rng=dict(torch=torch.get_rng_state())))
+        self._writer.submit(ckpt, self.out / "last.pt", self.out / "prev.pt", (g, epoch))
+        self.timings["checkpoint"] += time.perf_counter() - t0
 
     def _write_metrics(self) -> None:
         if self.rank != 0:

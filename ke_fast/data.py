@@ -119,6 +119,24 @@ class ImageSet(Dataset):
             self.images = self._decode_all()
             self._save_cache(key)
 
+    @classmethod
+    def from_tensors(cls, images: torch.Tensor, labels: torch.Tensor, size: int, train: bool) -> "ImageSet":
+        """An ImageSet of images already decoded: uint8 [N, 3, S, S] with S = ``stored_size(size, train)``
+        (e.g. synthetic data); no files, no cache."""
+        side = stored_size(size, train)
+        if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != (3, side, side):
+            raise ValueError(f"images must be uint8 [N, 3, {side}, {side}] for size {size} (train={train}), "
+                             f"got {images.dtype} {list(images.shape)}")
+        if labels.shape != (len(images),):
+            raise ValueError(f"labels must have shape [{len(images)}], got {list(labels.shape)}")
+        self = cls.__new__(cls)
+        self.files, self.root, self.cache_file, self.from_cache = [], None, None, False
+        self.size, self.train, self.side = size, train, side
+        self.images, self.labels = images, labels.to(torch.int64)
+        self.classes = [str(c) for c in range(int(labels.max()) + 1)] if len(labels) else []
+        self._fingerprint = hashlib.sha256(labels.to(torch.int64).numpy().tobytes()).hexdigest()
+        return self
+
     def _load_cache(self, key: str) -> torch.Tensor | None:
         if self.cache_file is None or not self.cache_file.is_file():
             return None
@@ -159,7 +177,7 @@ class ImageSet(Dataset):
         return self._fingerprint
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         x = self.images[i]

@@ -3,8 +3,8 @@
 A data set is turned into tensors once (:class:`Batches`): an :class:`ke_fast.data.ImageSet` keeps its uint8
 images, a TensorDataset its tensors, any other map-style data set is read item by item once and stacked
 (so an item that is random is drawn once). The tensors live on the training device when they fit in
-``device_fraction`` of its memory (always on CPU), else in pinned host memory with a background thread that
-gathers the next batch while the current one trains.
+``device_fraction`` of its memory (on CPU: unless ``device_fraction`` is 0), else in host memory (pinned for
+CUDA) with a background thread that gathers the next batches while the current one trains.
 
 Every batch is a pure function of (seed, generation, epoch, batch index): the order is a permutation drawn
 per epoch from a generator seeded with (seed, generation, epoch), and the random-resized crop and flip of a
@@ -87,7 +87,8 @@ class Batches:
         data: the data set (see the module docstring for what becomes of it).
         device: where batches are used.
         train: training batches (shuffled; a training ImageSet is augmented) or evaluation batches (in order).
-        device_fraction: keep the tensors on a CUDA device when they take at most this fraction of its memory.
+        device_fraction: keep the tensors on a CUDA device when they take at most this fraction of its memory;
+            0: never (on CPU too: the prefetching thread then runs, as for a data set too large for the GPU).
         rank, world: this process's share of every epoch (DistributedSampler's rule: the permutation padded by
             wrapping to a multiple of ``world``, every ``world``-th index from ``rank``).
         channels_last: 4-d batches in channels_last memory format.
@@ -107,11 +108,14 @@ class Batches:
             total = torch.cuda.get_device_properties(self.device).total_memory
             self.resident = nbytes <= device_fraction * total
         else:
-            self.resident = True
+            self.resident = device_fraction > 0
+        self._pin = self.device.type == "cuda" and not self.resident
         if self.resident:
             self.x, self.y = x.to(self.device), y.to(self.device)
-        else:
+        elif self._pin:
             self.x, self.y = x.contiguous().pin_memory(), y.pin_memory()
+        else:
+            self.x, self.y = x.contiguous(), y
         if self.image:
             mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
             std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
@@ -149,29 +153,41 @@ class Batches:
             yield self._finish(x, seed, generation, epoch, b), y
 
     def _prefetch(self, indices: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Host-resident data: a thread gathers each batch into pinned memory two batches ahead; the copy to
-        the device is asynchronous (the caching host allocator keeps a buffer until its copy is done)."""
+        """Host-resident data: a thread gathers each batch (into pinned memory for CUDA) two batches ahead; the
+        copy to the device is asynchronous (the caching host allocator keeps a buffer until its copy is done).
+        The thread ends with the epoch, or as soon as the consumer stops early."""
         ready: queue.Queue = queue.Queue(maxsize=2)
+        stop = threading.Event()
 
         def gather() -> None:
             try:
                 for idx in indices:
-                    xb = torch.empty((len(idx), *self.x.shape[1:]), dtype=self.x.dtype, pin_memory=True)
-                    yb = torch.empty(len(idx), dtype=self.y.dtype, pin_memory=True)
+                    xb = torch.empty((len(idx), *self.x.shape[1:]), dtype=self.x.dtype, pin_memory=self._pin)
+                    yb = torch.empty(len(idx), dtype=self.y.dtype, pin_memory=self._pin)
                     torch.index_select(self.x, 0, idx, out=xb)
                     torch.index_select(self.y, 0, idx, out=yb)
-                    ready.put((xb, yb))
+                    while not stop.is_set():
+                        try:
+                            ready.put((xb, yb), timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
             except BaseException as exc:  # handed to the consumer, which raises it
                 ready.put(exc)
 
-        thread = threading.Thread(target=gather, daemon=True)
+        thread = threading.Thread(target=gather, name="ke_fast-prefetch", daemon=True)
         thread.start()
-        for _ in indices:
-            item = ready.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item[0].to(self.device, non_blocking=True), item[1].to(self.device, non_blocking=True)
-        thread.join()
+        try:
+            for _ in indices:
+                item = ready.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item[0].to(self.device, non_blocking=True), item[1].to(self.device, non_blocking=True)
+        finally:
+            stop.set()
+            thread.join()
 
     def _finish(self, x: torch.Tensor, seed: int, generation: int, epoch: int, batch: int) -> torch.Tensor:
         """uint8 images -> augmented (training) and normalised floats; other inputs pass unchanged."""

@@ -144,6 +144,27 @@ def test_augmentation_is_a_function_of_seed_generation_epoch_batch(tmp_path):
     assert torch.allclose(x[2], train[2][0], atol=1e-6) and y.tolist() == train.labels[:5].tolist()
 
 
+def test_prefetching_thread_gives_the_same_batches():
+    """device_fraction 0 keeps the data in host memory behind the prefetching thread (the path of a data set too
+    large for the GPU): the same batches as resident data, and the thread ends when the consumer stops early."""
+    import threading
+
+    g = torch.Generator().manual_seed(0)
+    data = ImageSet.from_tensors(torch.randint(0, 256, (10, 3, 9, 9), generator=g, dtype=torch.uint8),
+                                 torch.arange(10) % 3, 8, True)
+    resident, streamed = Batches(data, CPU, True), Batches(data, CPU, True, device_fraction=0)
+    assert resident.resident and not streamed.resident
+    a, b = list(resident.epoch(4, 5, 1, 2)), list(streamed.epoch(4, 5, 1, 2))
+    assert len(a) == len(b) == 3
+    assert all(torch.equal(x, x2) and torch.equal(y, y2) for (x, y), (x2, y2) in zip(a, b))
+    it = streamed.epoch(1, 5, 1, 2)
+    next(it)
+    it.close()
+    assert not any(t.name == "ke_fast-prefetch" for t in threading.enumerate())
+    with pytest.raises(ValueError, match="uint8"):
+        ImageSet.from_tensors(torch.zeros(2, 3, 8, 8), torch.zeros(2), 8, True)
+
+
 def test_resume_after_crash_mid_epoch_with_augmentation_is_bit_identical(tmp_path, monkeypatch):
     """A crash in the middle of generation 2's second epoch; resuming from the last checkpoint (every epoch:
     --checkpoint-every 0) ends with the very weights and history of an uninterrupted run."""

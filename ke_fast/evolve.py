@@ -317,12 +317,21 @@ class Evolution:
     def run(self, resume: bool = False) -> list[dict]:
         """Run (or resume) all generations; returns the history (one dict per generation)."""
         try:
-            return self._run(resume)
+            history = self._run(resume)
+        except BaseException:
+            try:  # the last checkpoint is on disk before run raises; the first error is the one reported
+                self._writer.wait()
+            except BaseException:
+                pass
+            raise
         finally:
             if self._bar is not None:
                 self._bar.close()
                 self._bar = None
-            self._writer.wait()  # the last checkpoint is on disk before run returns (or raises)
+        t0 = time.perf_counter()
+        self._writer.wait()  # the last checkpoint is on disk before run returns
+        self.timings["checkpoint"] += time.perf_counter() - t0
+        return history
 
     def _run(self, resume: bool) -> list[dict]:
         start_gen, start_epoch, opt_state, sched_state = 1, 0, None, None

@@ -226,7 +226,7 @@ def test_checkpoint_every_minutes(tmp_path, monkeypatch):
     train, test, _, _ = digits(per_class=2)
     ev = Evolution(build_model("small_cnn", num_classes=10, in_channels=1, width=4), train,
                    torch.utils.data.Subset(test, range(20)),
-                   Config(generations=2, epochs=5, batch_size=8), tmp_path, device="cpu", progress=False,
+                   Config(generations=2, epochs=5, batch_size=20), tmp_path, device="cpu", progress=False,
                    log=lambda _: None, checkpoint_every=10)
     ev.run()
     # epochs end at 4, 8, 12 (write; the clock restarts), 16, 20 (g1 end: write), 24, 28, 32 (write), ...
@@ -257,16 +257,16 @@ def test_loss_is_read_once_per_epoch(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.Tensor, "item", item)
     monkeypatch.setattr(Evolution, "_train_epoch", train_epoch)
     steps = {}
-    for per_class in (2, 8):
+    for per_class in (1, 4):
         train, test, _, _ = digits(per_class=per_class)
         reads.clear()
         ev = Evolution(build_model("small_cnn", num_classes=10, in_channels=1, width=4), train,
-                       torch.utils.data.Subset(test, range(20)), Config(generations=1, epochs=2, batch_size=4),
+                       torch.utils.data.Subset(test, range(20)), Config(generations=1, epochs=2, batch_size=2),
                        tmp_path / str(per_class), device="cpu", progress=False, log=lambda _: None)
         ev.run()
-        steps[per_class] = ev._train.steps(4)
+        steps[per_class] = ev._train.steps(2)
         assert reads == [1, 1], (per_class, reads)
-    assert steps == {2: 5, 8: 20}
+    assert steps == {1: 5, 4: 20}
 
 
 # ---- end to end ---------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
 
-from .data import DIGITS_MAX_PER_CLASS, DataError, digits, image_folder
+from .data import DIGITS_MAX_PER_CLASS, DataError, digits, images
 from .evolve import CHECKPOINTS, RUN_FILES, CheckpointError, Config, Evolution, init_process_group
 from .metric import TASKS, class_split
 from .models import build_model
@@ -43,12 +43,15 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                                    "checks that settings, data and model match) or replace it with --overwrite.",
                        formatter_class=_HelpFormatter)
     r.add_argument("--dataset", default="digits",
-                   help="'digits' (bundled, no download) or a folder with train/ and test/ in ImageFolder layout")
+                   help="'digits' (bundled, no download), a folder with train/ and test/ (or val/) in ImageFolder "
+                        "layout, or one in the official KE split-list layout (jpg/ or images/ and lists/*.csv); "
+                        "images are decoded once and cached in <folder>/.ke_fast_cache")
     r.add_argument("--per-class", type=int, default=None,
                    help=f"digits only: training images per class, 1 .. {DIGITS_MAX_PER_CLASS} (every class keeps at "
                         f"least one test image; default: 20)")
     r.add_argument("--image-size", type=int, default=None,
-                   help="image folders only: resize to this size (default: 64)")
+                   help="image folders only: training crops and test images are this size, square; below 64 "
+                        "the ResNets take the small-input stem (default: 224)")
     r.add_argument("--model", default="resnet18", choices=[*RESNETS, "small_cnn", "densenet_tiny"],
                    help="the network")
     r.add_argument("--width", type=int, default=None,
@@ -105,7 +108,15 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     again.add_argument("--overwrite", action="store_true",
                        help="start afresh although OUT holds a run: its last.pt, prev.pt, history.csv, summary.json "
                             "and plot.png are deleted once every check has passed, just before training")
-    r.add_argument("--no-progress", action="store_true", help="no progress bars (default: bars on a terminal)")
+    r.add_argument("--checkpoint-every", type=float, default=10.0, metavar="MIN",
+                   help="minutes between checkpoints within a generation (0: after every epoch); every generation "
+                        "ends with one")
+    r.add_argument("--data-on-device", type=float, default=0.5, metavar="FRACTION",
+                   help="keep a data set on the GPU when it takes at most this fraction of its memory (0: never); "
+                        "else pinned host memory with prefetching")
+    r.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    r.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (default: a bar with images/s and the run's ETA on a terminal)")
     return p, r
 
 
@@ -139,7 +150,7 @@ def _check(r: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if digits_data and args.per_class is None and not metric:
         args.per_class = 20
     if not digits_data and args.image_size is None:
-        args.image_size = 64
+        args.image_size = 224
     if args.model in RESNETS and args.width is None:
         args.width = 16
     for name in ("generations", "epochs", "batch_size", "per_class", "image_size", "width"):
@@ -154,6 +165,10 @@ def _check(r: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         r.error(f"--lr must be a finite number > 0, got {args.lr}")
     if not (args.weight_decay >= 0 and math.isfinite(args.weight_decay)):
         r.error(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
+    if not (args.checkpoint_every >= 0 and math.isfinite(args.checkpoint_every)):
+        r.error(f"--checkpoint-every must be a finite number of minutes >= 0, got {args.checkpoint_every}")
+    if not 0 <= args.data_on_device <= 1:
+        r.error(f"--data-on-device must be a fraction in [0, 1], got {args.data_on_device}")
     if args.seed is None and args.seeds is None:
         args.seed = Config().seed
     for seed in args.seeds or [args.seed]:
@@ -336,13 +351,18 @@ def _identity(args: argparse.Namespace) -> dict:
             "--image-size": args.image_size, "--width": args.width, "--embedding-dim": args.embedding_dim}
 
 
+def _run_options(args: argparse.Namespace) -> dict:
+    """The Evolution keywords of the run options that are not part of the Config (how, not what, it trains)."""
+    return dict(checkpoint_every=args.checkpoint_every, device_fraction=args.data_on_device, compile=args.compile)
+
+
 def _data_and_model(args: argparse.Namespace, seed: int) -> tuple[torch.nn.Module, Dataset, Dataset]:
     """The unsplit model and (train, test) of one seed (the digits split depends on it); raises DataError."""
     if args.dataset == "digits":  # --task metric pools every image: any per_class gives them all
         train, test, classes, channels = digits(args.per_class or 1, seed=seed)
         small = True
     else:
-        train, test, classes, channels = image_folder(args.dataset, args.image_size)
+        train, test, classes, channels = images(args.dataset, args.image_size)
         small = args.image_size < 64
     if args.task == "metric":
         try:
@@ -367,7 +387,7 @@ def _run(args: argparse.Namespace, device: str) -> int:
             return _error(str(exc))
         cfg = _config(args, args.seed)
         ev = Evolution(model, train, test, cfg, args.out, device=device,
-                       progress=False if args.no_progress else None, identity=_identity(args))
+                       progress=False if args.no_progress else None, identity=_identity(args), **_run_options(args))
         if rank == 0:
             classes = f" (classes {train.classes} / {test.classes})" if args.task == "metric" else ""
             print(f"KE {cfg.split.upper()} {cfg.split_rate} | {args.model} | {args.dataset}: {len(train)} train / "
@@ -399,7 +419,7 @@ def _run(args: argparse.Namespace, device: str) -> int:
         if ev.start[0] > cfg.generations:
             print(f"\nthe run in {args.out} is finished: nothing trained, no file changed")
         else:
-            print(f"\nwrote {Path(args.out) / 'history.csv'}, summary.json, plot.png and checkpoints last.pt / prev.pt")
+            print(f"\nwrote {Path(args.out) / 'history.csv'}, summary.json, plot.png and the checkpoint last.pt")
     return 0
 
 
@@ -409,7 +429,7 @@ def _run_study(args: argparse.Namespace, device: str) -> int:
     seeds = _study_seeds(args)
     study = Study(lambda seed: _data_and_model(args, seed), _config(args, seeds[0]), seeds, args.out,
                   baseline=args.baseline, device=device, progress=False if args.no_progress else None,
-                  identity=_identity(args))
+                  identity=_identity(args), **_run_options(args))
     try:
         if rank == 0:
             print(f"KE {args.split.upper()} {args.split_rate} | {args.model} | {args.dataset} | {args.generations} "

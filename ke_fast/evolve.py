@@ -1,8 +1,12 @@
 """The KE generation loop: train dense -> evaluate N_g and H^F_g -> checkpoint -> reset -> fresh optimizer.
 
 Everything random is derived from the run seed and (generation, epoch): the initial weights, masks
-and resets come from the counter RNG, the data order from a generator seeded per epoch. A resumed run
-therefore continues bit for bit, and every DDP rank draws the same masks and resets without talking.
+and resets come from the counter RNG, the data order from a generator seeded per epoch and the augmentation
+of each batch from one seeded per (generation, epoch, batch) (ke_fast.batches). A resumed run therefore
+continues bit for bit, and every DDP rank draws the same masks and resets without talking.
+
+The data are tensors on the device (ke_fast.batches.Batches); the loss is summed on the device and read once
+per epoch; checkpoints are copied at a step boundary and written by a background thread.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,10 +25,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from . import kernels as K
 from . import metric, variants
+from .batches import Batches
 from .convert import fit_only, reinit_, reset_bn_, split
 from .masks import layer_mask, masked_layers
 
@@ -100,6 +106,60 @@ def save_atomic(obj: Any, path: Path, keep_previous: Path | None = None) -> None
     if keep_previous is not None and path.exists():
         os.replace(path, keep_previous)
     os.replace(tmp, path)
+
+
+def _snapshot(obj: Any) -> Any:
+    """A copy of ``obj`` (nested dicts / lists / tuples) whose tensors are CPU copies owned by nobody else:
+    what a background thread may write while training goes on. One device synchronisation at most."""
+    cuda = []
+
+    def copy(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            if x.device.type == "cuda":
+                cuda.append(x.device)
+                return x.detach().to("cpu", non_blocking=True)  # into pinned memory; synchronised below
+            return x.detach().clone()
+        if isinstance(x, dict):
+            return {k: copy(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(copy(v) for v in x)
+        return x
+
+    out = copy(obj)
+    for device in set(cuda):
+        torch.cuda.synchronize(device)
+    return out
+
+
+class _Writer:
+    """Writes one checkpoint at a time in a background thread: :meth:`submit` waits for the previous write,
+    :meth:`wait` for the current one; an error of the write (disk full ...) is raised by the next of either."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.done: Any = None  # the tag of the last write that completed
+
+    def submit(self, obj: Any, path: Path, keep_previous: Path, tag: Any) -> None:
+        self.wait()
+
+        def write() -> None:
+            try:
+                save_atomic(obj, path, keep_previous)
+                self.done = tag
+            except BaseException as exc:  # raised in the training thread by wait()
+                self._error = exc
+
+        self._thread = threading.Thread(target=write, name="ke_fast-checkpoint")
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -181,6 +241,11 @@ def _epoch_seed(seed: int, generation: int, epoch: int) -> int:
     return K.rng.stream_id(seed & ((1 << 62) - 1), generation, epoch) & ((1 << 62) - 1)
 
 
+def _fused_sgd_supported(device: torch.device) -> bool:
+    """torch.optim.SGD(fused=True) runs on CUDA and (torch >= 2.4) on CPU."""
+    return device.type in ("cuda", "cpu")
+
+
 class Evolution:
     """Runs KE on a model with a built-in trainer for classification or metric learning (``config.task``).
 
@@ -188,17 +253,25 @@ class Evolution:
         model: an unsplit model (it is split here with ``config``) or one already split. For
             ``task="metric"`` its output is the embedding (e.g. ``num_classes=64`` for the models of
             :mod:`ke_fast.models`), L2-normalised by the loss and the evaluation.
-        train_set, test_set: map-style data sets of (input, label); for ``task="metric"`` with disjoint
+        train_set, test_set: map-style data sets of (input, label): a :class:`ke_fast.data.ImageSet` (uint8
+            images, augmented and normalised per batch on the device), a TensorDataset, or any other, read
+            once into tensors (see :class:`ke_fast.batches.Batches`). For ``task="metric"`` with disjoint
             classes (:func:`ke_fast.metric.class_split`), the training labels 0 .. C-1.
         config: the run's :class:`Config`.
         out_dir: where checkpoints (last.pt / prev.pt), history.csv, summary.json and plot.png go
             (rank 0 only).
         device: default CUDA when available.
-        progress: show tqdm bars (default: only when stdout is a terminal).
+        progress: show a tqdm bar for the whole run, with images/s and its ETA (default: only when stdout is
+            a terminal).
         identity: the caller's own description of the data and model (the CLI passes its flags, e.g.
             ``{"--per-class": 20, "--model": "resnet18"}``). Stored in every checkpoint with the sizes and
             fingerprints of both data sets and of the architecture; resuming refuses a checkpoint that
             differs in any of them.
+        checkpoint_every: minutes between checkpoints within a generation (written at the end of the first
+            epoch past that time); 0 = after every epoch. A checkpoint also closes every generation.
+        device_fraction: keep a data set on a CUDA device when it takes at most this fraction of the device's
+            memory (else pinned host memory, prefetched by a thread).
+        compile: ``torch.compile`` the training step (forward and loss; the backward follows).
 
     Attributes set by :meth:`run`: ``start``, the (generation, epoch) it started from (a generation past
     ``config.generations`` when it found a finished run), and ``saved``, the (generation, epoch) of the last
@@ -207,8 +280,13 @@ class Evolution:
 
     def __init__(self, model: nn.Module, train_set: Dataset, test_set: Dataset, config: Config,
                  out_dir: str | Path, device: str | torch.device | None = None, progress: bool | None = None,
-                 log: Callable[[str], None] = print, identity: dict[str, Any] | None = None) -> None:
+                 log: Callable[[str], None] = print, identity: dict[str, Any] | None = None,
+                 checkpoint_every: float = 10.0, device_fraction: float = 0.5, compile: bool = False) -> None:
         self.cfg = config.validate()
+        if not (checkpoint_every >= 0 and math.isfinite(checkpoint_every)):
+            raise ValueError(f"checkpoint_every must be a finite number of minutes >= 0, got {checkpoint_every}")
+        if not 0 <= device_fraction <= 1:
+            raise ValueError(f"device_fraction must be in [0, 1], got {device_fraction}")
         for name, data in (("train_set", train_set), ("test_set", test_set)):
             if len(data) == 0:  # an empty test set would report 0.0 accuracy as if measured
                 raise ValueError(f"{name} is empty")
@@ -234,10 +312,15 @@ class Evolution:
         self.identity = dict(identity or {}, train_images=len(train_set), test_images=len(test_set),
                              train_data=data_fingerprint(train_set), test_data=data_fingerprint(test_set),
                              architecture=architecture_fingerprint(self.model))
+        self.checkpoint_every = checkpoint_every
+        self._train = Batches(train_set, self.device, True, device_fraction, self.rank, self.world,
+                              self.channels_last)
+        self._test = Batches(test_set, self.device, False, device_fraction, channels_last=self.channels_last)
+        self._forward_loss = torch.compile(self._forward_loss_eager) if compile else self._forward_loss_eager
         if config.task == "metric" and len(test_set) <= max(metric.RECALL_AT):
             raise ValueError(f"test_set holds {len(test_set)} images; Recall@{max(metric.RECALL_AT)} needs more")
-        example = None if config.reset_from is None and config.task != "metric" else \
-            self._to_device(train_set[0][0].unsqueeze(0))  # one training input: forward order, embedding size
+        # one input, as the model sees it: the forward order of the layers, the embedding size
+        example = None if config.reset_from is None and config.task != "metric" else next(self._test.epoch(1))[0]
         # layer-threshold forgetting: {layer: "keep" | "reset"}, fixed for the run (forward order)
         self._whole = None if config.reset_from is None else \
             variants.forgetting_plan(self.model, config.reset_from, example)
@@ -254,12 +337,39 @@ class Evolution:
                     p.register_hook(self._mean_over_ranks)
         self.history: list[dict] = []
         self.start: tuple[int, int] = (1, 0)
-        self.saved: tuple[int, int] | None = None
         self._last_loss = float("nan")
+        self._writer = _Writer()
+        self._saved_at = time.monotonic()
+        self._bar = None
+        # seconds spent per part of the run, for benchmarks and the curious
+        self.timings = dict(train=0.0, eval=0.0, checkpoint=0.0, reset=0.0)
+
+    @property
+    def saved(self) -> tuple[int, int] | None:
+        """The (generation, epoch) of the last checkpoint completely written (None before the first)."""
+        return self._writer.done
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self, resume: bool = False) -> list[dict]:
         """Run (or resume) all generations; returns the history (one dict per generation)."""
+        try:
+            history = self._run(resume)
+        except BaseException:
+            try:  # the last checkpoint is on disk before run raises; the first error is the one reported
+                self._writer.wait()
+            except BaseException:
+                pass
+            raise
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+        t0 = time.perf_counter()
+        self._writer.wait()  # the last checkpoint is on disk before run returns
+        self.timings["checkpoint"] += time.perf_counter() - t0
+        return history
+
+    def _run(self, resume: bool) -> list[dict]:
         start_gen, start_epoch, opt_state, sched_state = 1, 0, None, None
         if resume:
             path = self.out / "last.pt"
@@ -294,9 +404,19 @@ class Evolution:
             else:
                 self.log(f"no checkpoint ({' / '.join(CHECKPOINTS)}) in {self.out} to resume from: starting afresh")
         self.start = (start_gen, start_epoch)
+        self._saved_at = time.monotonic()
+        if self.progress and self.rank == 0:
+            from tqdm import tqdm
+
+            epochs = (self.cfg.generations - start_gen + 1) * self.cfg.epochs - start_epoch
+            self._bar = tqdm(total=epochs * len(self._train) // self.world, unit="img", unit_scale=True,
+                             desc="KE", dynamic_ncols=True)
         for g in range(start_gen, self.cfg.generations + 1):
             if start_epoch == 0 and g > 1:
+                t0 = time.perf_counter()
                 self._evolve(g)
+                self._sync()
+                self.timings["reset"] += time.perf_counter() - t0
             self._generation(g, start_epoch, opt_state, sched_state)
             start_epoch, opt_state, sched_state = 0, None, None
         if self.rank == 0 and self.history:
@@ -345,13 +465,14 @@ class Evolution:
         if cfg.mask_criterion == "magnitude":
             scores = variants.magnitude_scores(self.model)
         else:
-            loader = self._loader(self.train_set, True, _epoch_seed(cfg.seed, g, cfg.epochs))
-            batches = (b for _, b in zip(range(variants.SNIP_BATCHES), loader))
+            # the training batches (augmented as in training) of an epoch past the last: a seeded order
+            epoch = self._train.epoch(cfg.batch_size, cfg.seed, g, cfg.epochs)
+            batches = (b for _, b in zip(range(variants.SNIP_BATCHES), epoch))
 
             def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                    out = self.model(self._to_device(x))
-                return self._loss(out, y.to(self.device))
+                    out = self.model(x)
+                return self._loss(out, y)
 
             scores = variants.snip_scores(self.model, loss_fn, batches)
         variants.choose_masks_(self.model, scores, cfg.split_rate)
@@ -365,22 +486,28 @@ class Evolution:
         model = self.model
         net = nn.parallel.DistributedDataParallel(model) if self.world > 1 else model
         params = [*model.parameters(), *(self.criterion.parameters() if self.criterion is not None else ())]
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        steps = math.ceil(len(self.train_set) / self.world / cfg.batch_size)
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                              fused=_fused_sgd_supported(self.device))
+        steps = self._train.steps(cfg.batch_size)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps))
         if opt_state is not None:
             opt.load_state_dict(opt_state)
             sched.load_state_dict(sched_state)
         t0 = time.perf_counter()
         for epoch in range(start_epoch, cfg.epochs):
-            self._last_loss = self._train_epoch(net, opt, sched, g, epoch)
-            self._checkpoint(g, epoch + 1, opt, sched)
+            t1 = time.perf_counter()
+            self._last_loss = self._train_epoch(net, opt, sched, g, epoch)  # reads the device: synchronised
+            self.timings["train"] += time.perf_counter() - t1
+            if epoch + 1 < cfg.epochs and time.monotonic() - self._saved_at >= 60 * self.checkpoint_every:
+                self._checkpoint(g, epoch + 1, opt, sched)
         loss = self._last_loss
         if cfg.mask_criterion != "random" and (g == 1 or cfg.resample_mask):
             self._choose_masks(g)  # before H^F_g is evaluated: the importance mask defines it
+        t1 = time.perf_counter()
         dense = self.evaluate()
         with fit_only(model):
             fit = self.evaluate()
+        self.timings["eval"] += time.perf_counter() - t1
         row = dict(generation=g, **{f"dense_{k}": v for k, v in dense.items()},
                    **{f"fit_{k}": v for k, v in fit.items()}, train_loss=loss,
                    epoch_time_s=(time.perf_counter() - t0) / max(1, cfg.epochs - start_epoch))
@@ -407,75 +534,77 @@ class Evolution:
             return self.criterion(out, y)
         return F.cross_entropy(out.float(), y, label_smoothing=self.cfg.label_smoothing)
 
-    def _loader(self, data: Dataset, shuffle: bool, seed: int) -> DataLoader:
-        if self.world > 1:
-            sampler = DistributedSampler(data, shuffle=shuffle, seed=seed)
-            return DataLoader(data, batch_size=self.cfg.batch_size, sampler=sampler)
-        gen = torch.Generator().manual_seed(seed)
-        return DataLoader(data, batch_size=self.cfg.batch_size, shuffle=shuffle, generator=gen)
+    def _forward_loss_eager(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            out = net(x)
+        return self._loss(out, y)
 
     def _train_epoch(self, net: nn.Module, opt, sched, g: int, epoch: int) -> float:
+        """One epoch; returns the mean training loss, read from the device once."""
         seed = _epoch_seed(self.cfg.seed, g, epoch)
         torch.manual_seed(seed)  # dropout & co.: a function of (seed, generation, epoch) only
         net.train()
-        total, count = 0.0, 0
-        batches = self._loader(self.train_set, True, seed)
-        if self.progress and self.rank == 0:
-            from tqdm import tqdm
-
-            batches = tqdm(batches, desc=f"gen {g} epoch {epoch + 1}/{self.cfg.epochs}", leave=False)
-        for x, y in batches:
-            x, y = self._to_device(x), y.to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                out = net(x)
-            loss = self._loss(out, y)
+        total, count = torch.zeros((), device=self.device), 0
+        if self._bar is not None:
+            self._bar.set_description(f"KE gen {g}/{self.cfg.generations} epoch {epoch + 1}/{self.cfg.epochs}")
+        for x, y in self._train.epoch(self.cfg.batch_size, self.cfg.seed, g, epoch):
+            loss = self._forward_loss(net, x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            total += loss.item() * len(y)
+            total += loss.detach() * len(y)
             count += len(y)
-        return total / max(1, count)
+            if self._bar is not None:
+                self._bar.update(len(y))
+        mean = total.item() / max(1, count)
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{mean:.3f}")
+        return mean
 
-    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device, non_blocking=True)
-        if x.dim() == 4 and self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     @torch.no_grad()
     def evaluate(self, data: Dataset | None = None) -> dict[str, float]:
         """The task's metrics of the model as it is (dense, or fit inside ``fit_only``) on ``data`` (default:
-        the test set): ``{"acc": top-1}`` for classification, ``{"recall1": ..., "recall4": ...}`` (Recall@K
-        among the test images, :func:`ke_fast.metric.recall_at_k`) for metric learning."""
+        the test set, kept on the device): ``{"acc": top-1}`` for classification, ``{"recall1": ...,
+        "recall4": ...}`` (Recall@K among the test images, :func:`ke_fast.metric.recall_at_k`) for metric
+        learning. Counts stay on the device until the end."""
         self.model.eval()
-        correct, total, embeddings, labels = 0, 0, [], []
-        for x, y in DataLoader(data if data is not None else self.test_set, batch_size=256):
+        batches = self._test if data is None else Batches(data, self.device, False, channels_last=self.channels_last)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        embeddings, labels = [], []
+        for x, y in batches.epoch(256):
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                out = self.model(self._to_device(x))
+                out = self.model(x)
             if self.cfg.task == "metric":
                 embeddings.append(metric.embed(out))
-                labels.append(torch.as_tensor(y))
+                labels.append(y)
             else:
-                correct += int((out.argmax(1).cpu() == y).sum())
-                total += len(y)
+                correct += (out.argmax(1) == y).sum()
         if self.cfg.task == "metric":
             return metric.recall_at_k(torch.cat(embeddings), torch.cat(labels))
-        return {"acc": correct / max(1, total)}
+        return {"acc": correct.item() / max(1, len(batches))}
 
     # -- files --------------------------------------------------------------------------------
     def _checkpoint(self, g: int, epoch: int, opt, sched) -> None:
+        """Copy the state now (a step boundary) and write it in the background (last.pt, the one before it
+        prev.pt); the previous write completes first."""
+        self._saved_at = time.monotonic()
         if self.rank != 0:
             return
+        t0 = time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)
-        ckpt = dict(model=self.model.state_dict(), generation=g, epoch=epoch, history=self.history,
-                    config=asdict(self.cfg), identity=self.identity,
-                    optimizer=None if opt is None else opt.state_dict(),
-                    scheduler=None if sched is None else sched.state_dict(), train_loss=self._last_loss,
-                    criterion=None if self.criterion is None else self.criterion.state_dict(),
-                    rng=dict(torch=torch.get_rng_state()))
-        save_atomic(ckpt, self.out / "last.pt", keep_previous=self.out / "prev.pt")
-        self.saved = (g, epoch)
+        ckpt = _snapshot(dict(model=self.model.state_dict(), generation=g, epoch=epoch, history=self.history,
+                              config=asdict(self.cfg), identity=self.identity,
+                              optimizer=None if opt is None else opt.state_dict(),
+                              scheduler=None if sched is None else sched.state_dict(), train_loss=self._last_loss,
+                              criterion=None if self.criterion is None else self.criterion.state_dict(),
+                              rng=dict(torch=torch.get_rng_state())))
+        self._writer.submit(ckpt, self.out / "last.pt", self.out / "prev.pt", (g, epoch))
+        self.timings["checkpoint"] += time.perf_counter() - t0
 
     def _write_metrics(self) -> None:
         if self.rank != 0:

@@ -200,6 +200,8 @@ class Study:
             results.md and plot.png (rank 0 only).
         baseline: None, or ``"long"``: per seed, the dense run of :func:`baseline_config`.
         device, progress, log, identity: as for :class:`Evolution` (identity also goes into summary.json).
+        **options: further keywords of every :class:`Evolution` (``checkpoint_every``, ``device_fraction``,
+            ``compile``).
 
     ``current`` is the Evolution running now (None outside :meth:`run`): after an interrupt, the one
     whose checkpoint a resume continues from.
@@ -208,7 +210,7 @@ class Study:
     def __init__(self, make: Callable[[int], tuple[nn.Module, Dataset, Dataset]], config: Config,
                  seeds: Sequence[int], out_dir: str | Path, baseline: str | None = None,
                  device: str | torch.device | None = None, progress: bool | None = None,
-                 log: Callable[[str], None] = print, identity: dict[str, Any] | None = None) -> None:
+                 log: Callable[[str], None] = print, identity: dict[str, Any] | None = None, **options: Any) -> None:
         self.config = config.validate()
         seeds = list(seeds)
         if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2 ** 64 for s in seeds):
@@ -218,7 +220,7 @@ class Study:
         if baseline is not None and baseline not in BASELINES:
             raise ValueError(f"baseline must be None or one of {BASELINES}, got {baseline!r}")
         self.make, self.seeds, self.out, self.baseline = make, seeds, Path(out_dir), baseline
-        self.device, self.progress, self.identity = device, progress, identity
+        self.device, self.progress, self.identity, self.options = device, progress, identity, options
         self.rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         self.log = log if self.rank == 0 else (lambda _: None)
         self._evolution_log = log
@@ -259,5 +261,6 @@ class Study:
         torch.manual_seed(seed)
         model, train_set, test_set = self.make(seed)
         self.current = Evolution(model, train_set, test_set, replace(config, seed=seed), out, device=self.device,
-                                 progress=self.progress, log=self._evolution_log, identity=self.identity)
+                                 progress=self.progress, log=self._evolution_log, identity=self.identity,
+                                 **self.options)
         return self.current.run(resume=resume)

@@ -102,7 +102,7 @@ def test_demo_fit_accuracy_rises(tmp_path):
 # ---- 2. kill and resume -----------------------------------------------------------------------
 
 RESUME_ARGS = ["--generations", "3", "--epochs", "4", "--width", "4", "--per-class", "10", "--no-progress",
-               "--device", "cpu"]
+               "--device", "cpu", "--checkpoint-every", "0"]
 
 
 def test_kill_and_resume_is_bit_identical(tmp_path):
@@ -208,7 +208,7 @@ def test_resume_after_crash_between_rotation_and_save(tmp_path, monkeypatch):
 
     def make():
         return Evolution(_tiny_model(), train, test, Config(generations=2, epochs=2), out, device="cpu",
-                         progress=False, log=lambda _: None)
+                         progress=False, log=lambda _: None, checkpoint_every=0)
 
     real_replace = os.replace
     calls = {"n": 0}
@@ -216,7 +216,7 @@ def test_resume_after_crash_between_rotation_and_save(tmp_path, monkeypatch):
     def crashing_replace(src, dst):
         if str(src).endswith("last.pt.tmp"):
             calls["n"] += 1
-            if calls["n"] == 4:  # generation 2, epoch 1: last.pt has just been moved to prev.pt
+            if calls["n"] == 3:  # generation 2, epoch 1 (after g1 e1, g1's end): last.pt was just moved to prev.pt
                 raise KeyboardInterrupt("simulated kill")
         real_replace(src, dst)
 
@@ -241,8 +241,8 @@ def test_resume_after_crash_between_rotation_and_save(tmp_path, monkeypatch):
 
 def test_truncated_checkpoint_resume_fails_cleanly(tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["--generations", "1", "--epochs", "1", "--width", "4", "--per-class", "5", "--no-progress",
-            "--device", "cpu", "--out", str(out)]
+    args = ["--generations", "1", "--epochs", "2", "--width", "4", "--per-class", "5", "--no-progress",
+            "--device", "cpu", "--checkpoint-every", "0", "--out", str(out)]
     assert cli.main(["run", *args]) == 0
     capsys.readouterr()
     last, prev = out / "last.pt", out / "prev.pt"
@@ -299,6 +299,8 @@ def test_save_atomic_leaves_no_tmp(tmp_path):
     (["--resample-mask"], "--resample-mask"),  # KELS masks never change
     (["--image-size", "32"], "--image-size"),  # digits are 8x8, never resized
     (["--resume", "--overwrite"], "--overwrite"),
+    (["--checkpoint-every", "-1"], "--checkpoint-every"), (["--checkpoint-every", "inf"], "--checkpoint-every"),
+    (["--data-on-device", "1.5"], "--data-on-device"),
 ])
 def test_cli_argument_errors(tmp_path, capsys, bad, word):
     """Every argument error exits 2 before any work with the run subcommand's usage line and one error line."""
@@ -588,7 +590,7 @@ def test_cli_never_overwrites_a_run(tmp_path, capsys):
     out = tmp_path / "run"
     assert cli.main(["run", *TINY_ARGS, "--out", str(out)]) == 0
     before = _files(out)
-    assert set(before) == {"last.pt", "prev.pt", "history.csv", "summary.json", "plot.png"}
+    assert set(before) == {"last.pt", "history.csv", "summary.json", "plot.png"}  # 1 epoch: one checkpoint
 
     _one_error_line(_cli([*TINY_ARGS, "--out", str(out)], tmp_path), str(out), "--resume", "--overwrite")
     assert _files(out) == before
@@ -605,7 +607,7 @@ def test_cli_never_overwrites_a_run(tmp_path, capsys):
     assert cli.main(["run", *TINY_ARGS, "--seed", "1", "--out", str(out), "--overwrite"]) == 0
     assert "--overwrite: deleted" in capsys.readouterr().out
     assert load_checkpoint(out / "last.pt")["config"]["seed"] == 1  # a new run
-    assert load_checkpoint(out / "prev.pt")["config"]["seed"] == 1  # nothing of the old one is left
+    assert not (out / "prev.pt").exists()  # nothing of the old one is left
     assert json.loads((out / "summary.json").read_text())["config"]["seed"] == 1
 
 

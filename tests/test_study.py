@@ -101,7 +101,7 @@ def test_layout_and_summary_equal_numpy(study):
     assert top == {"summary.json", "results.md", "plot.png", *(f"seed-{s}" for s in SEEDS)}
     for s in SEEDS:
         for run in (out / f"seed-{s}", out / f"seed-{s}" / "baseline"):
-            assert {"last.pt", "prev.pt", "history.csv", "summary.json", "plot.png"} <= {p.name for p in run.iterdir()}
+            assert {"last.pt", "history.csv", "summary.json", "plot.png"} <= {p.name for p in run.iterdir()}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["seeds"] == SEEDS and "ddof=1" in summary["std"]
     histories = [_history(out / f"seed-{s}" / "history.csv") for s in SEEDS]

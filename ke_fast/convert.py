@@ -555,16 +555,12 @@ def _channels(node: fx.Node, modules: dict) -> int:
     raise ValueError(f"cannot infer the channel count of {node.name!r} feeding a concatenation; pass example_input")
 
 
-def _roles_by_hooks(model: nn.Module, layers: list[tuple[str, nn.Module]], example_input: Any) -> dict[str, _Role]:
-    """Roles from execution order: the first and the last channel-mixing module to run (split or not; the
-    modules fx would keep as leaves, so a model holding a parameter of its own is not one) are "first" and
-    "last" if they are split layers."""
+def call_order(model: nn.Module, modules: list[tuple[str, nn.Module]], example_input: Any) -> list[str]:
+    """The names of ``modules`` in the order they are called (once per call) when ``model`` runs on
+    ``example_input`` (a tensor or a tuple of them) in eval mode without gradients: no BatchNorm statistic
+    moves; the model's train/eval mode is restored and the hooks removed, also on error."""
     order: list[str] = []
-    names = {n for n, _ in layers}
-    tracer = _Tracer()
-    watched = [(n, m) for n, m in model.named_modules()
-               if n in names or (tracer.is_leaf_module(m, n) and _mixes_channels(m))]
-    handles = [m.register_forward_hook(lambda mod, i, o, name=n: order.append(name)) for n, m in watched]
+    handles = [m.register_forward_hook(lambda mod, i, o, name=n: order.append(name)) for n, m in modules]
     was_training = model.training
     try:
         model.eval()
@@ -574,6 +570,18 @@ def _roles_by_hooks(model: nn.Module, layers: list[tuple[str, nn.Module]], examp
         model.train(was_training)
         for h in handles:
             h.remove()
+    return order
+
+
+def _roles_by_hooks(model: nn.Module, layers: list[tuple[str, nn.Module]], example_input: Any) -> dict[str, _Role]:
+    """Roles from execution order: the first and the last channel-mixing module to run (split or not; the
+    modules fx would keep as leaves, so a model holding a parameter of its own is not one) are "first" and
+    "last" if they are split layers."""
+    names = {n for n, _ in layers}
+    tracer = _Tracer()
+    watched = [(n, m) for n, m in model.named_modules()
+               if n in names or (tracer.is_leaf_module(m, n) and _mixes_channels(m))]
+    order = call_order(model, watched, example_input)
     if not any(n in names for n in order):
         raise ValueError("example_input ran no conv/linear layer of the model")
     roles = {n: _Role() for n, _ in layers}

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from . import kernels as K
+from .convert import call_order
 from .masks import masked_layers
 
 MASK_CRITERIA = ("random", "magnitude", "snip")
@@ -49,18 +50,7 @@ def forward_order(model: nn.Module, example_input: Any) -> list[str]:
     """Names of the masked layers in the order they first run on ``example_input`` (eval mode, no grad: no
     BatchNorm statistic moves); layers that never run come last, in ``named_modules`` order."""
     layers = masked_layers(model)
-    order: list[str] = []
-    hooks = [m.register_forward_hook(lambda mod, i, o, name=n: order.append(name) if name not in order else None)
-             for n, m in layers]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(*(example_input if isinstance(example_input, tuple) else (example_input,)))
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
+    order = list(dict.fromkeys(call_order(model, layers, example_input)))  # first calls, in order
     return order + [n for n, _ in layers if n not in order]
 
 

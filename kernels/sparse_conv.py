@@ -128,6 +128,18 @@ def _popc(x):
 
 
 @triton.jit
+def _dot_acc(a, wt, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """acc + a @ wt: in fp32 (UPCAST: for the interpreter, whose tl.dot multiplies bf16 bit patterns), in
+    exact fp32 (IEEE: no TF32), or in the input dtype with fp32 accumulation."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
+    elif IEEE:
+        return tl.dot(a, wt.to(a.dtype), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, wt.to(a.dtype), acc)
+
+
+@triton.jit
 def _decode_tile(bits_ptr, vals_ptr, offs_ptr, n, n_ok, t, T, NCHUNK, running):
     """Weight tile [32, BLOCK_N] of K-tile ``t`` for output channels ``n``; returns (tile, new running).
 
@@ -207,12 +219,7 @@ def _sparse_conv_kernel(out_ptr, x_ptr, bits_ptr, vals_ptr, offs_ptr, bias_ptr,
         ok = m_ok[:, None] & (k < K)[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         a = tl.load(x_ptr + ((b[:, None] * H + ih) * W + iw) * C + c[None, :], mask=ok, other=0.0)
         wt, running = _decode_tile(bits_ptr, vals_ptr, offs_ptr, n, n_ok, t, T, NCHUNK, running)
-        if UPCAST:
-            acc = tl.dot(a.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
-        elif IEEE:
-            acc = tl.dot(a, wt.to(a.dtype), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, wt.to(a.dtype), acc)
+        acc = _dot_acc(a, wt, acc, UPCAST, IEEE)
     _store_tile(out_ptr, acc, bias_ptr, m, n, m_ok, n_ok, N, HAS_BIAS)
 
 
@@ -318,12 +325,7 @@ def _skinny_kernel(out_ptr, part_ptr, count_ptr, x_ptr, bits_ptr, vals_ptr, offs
             iw = ow[:, None] * stride_w - pad_w + (rs % KW)[None, :] * dil_w
             ok = m_ok[:, None] & (k < K)[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             a = tl.load(x_ptr + ((b[:, None] * H + ih) * W + iw) * C + c[None, :], mask=ok, other=0.0)
-            if UPCAST:
-                acc = tl.dot(a.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
-            elif IEEE:
-                acc = tl.dot(a, wt.to(a.dtype), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, wt.to(a.dtype), acc)
+            acc = _dot_acc(a, wt, acc, UPCAST, IEEE)
     if ONE_ROW:
         acc = tl.sum(acc2, axis=0)[None, :]  # BLOCK_M = 1
     tile_ok = m_ok[:, None] & n_ok[None, :]

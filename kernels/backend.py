@@ -19,8 +19,8 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _build_tag(source: bytes) -> str:
-    """Short hash of this CPU's model and feature flags and of the C++ source."""
+def _build_tag(source: Path) -> str:
+    """Short hash of this CPU's model and feature flags, of the C++ source and of its path."""
     import hashlib
     import platform
 
@@ -30,7 +30,7 @@ def _build_tag(source: bytes) -> str:
         info += "".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags", "Features"))}))
     except OSError:
         pass
-    return hashlib.sha1(info.encode() + source).hexdigest()[:12]
+    return hashlib.sha1(info.encode() + source.read_bytes() + str(source.resolve()).encode()).hexdigest()[:12]
 
 
 def cpu_extension() -> ModuleType | None:
@@ -45,9 +45,10 @@ def cpu_extension() -> ModuleType | None:
 
         src = Path(__file__).with_name("csrc") / "ke_fast_cpu.cpp"
         # The build directory is named after the CPU (built with -march=native: a shared home never hands
-        # one machine's build to another CPU) and the source: two checkouts of different versions on one
-        # machine would otherwise share a directory, and ninja's timestamps could load the other's build.
-        _ext = load(name=f"ke_fast_cpu_{_build_tag(src.read_bytes())}", sources=[str(src)],
+        # one machine's build to another CPU), the source and its path: two checkouts on one machine would
+        # otherwise share a directory, and ninja would either load the other's build (another version) or,
+        # as the source path in its build file changed, rebuild it on every alternation (the same version).
+        _ext = load(name=f"ke_fast_cpu_{_build_tag(src)}", sources=[str(src)],
                     extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, no headers: fall back, but say so once
         _ext_error = f"{type(exc).__name__}: {exc}"

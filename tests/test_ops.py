@@ -156,3 +156,19 @@ def test_override_is_read_in_one_place():
     readers = [p.relative_to(ROOT).as_posix() for p in list((ROOT / "ke_fast").glob("*.py")) +
                list((ROOT / "kernels").glob("*.py")) if "KE_FAST_BACKEND" in p.read_text()]
     assert readers == ["ke_fast/ops.py"]
+
+
+def test_cpu_build_directory_is_per_checkout(tmp_path):
+    """Two checkouts of the same source get two build directories of the C++ kernels: sharing one made ninja
+    rebuild the extension (25-40 s) whenever the other checkout had loaded it; another source gets another."""
+    from ke_fast.kernels import backend
+
+    a, b = tmp_path / "a" / "k.cpp", tmp_path / "b" / "k.cpp"
+    for p in (a, b):
+        p.parent.mkdir()
+        p.write_text("int f() { return 1; }\n")
+    assert backend._build_tag(a) != backend._build_tag(b)
+    assert backend._build_tag(a) == backend._build_tag(a)
+    before = backend._build_tag(a)
+    a.write_text("int f() { return 2; }\n")
+    assert backend._build_tag(a) != before

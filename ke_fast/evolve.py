@@ -29,7 +29,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from . import kernels as K
 from . import metric, variants
-from .batches import Batches
+from .batches import Batches, draw_seed
 from .convert import fit_only, reinit_, reset_bn_, split
 from .masks import layer_mask, masked_layers
 
@@ -235,10 +235,6 @@ def _lr_lambda(cfg: Config, steps_per_epoch: int) -> Callable[[int], float]:
         return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
     return f
-
-
-def _epoch_seed(seed: int, generation: int, epoch: int) -> int:
-    return K.rng.stream_id(seed & ((1 << 62) - 1), generation, epoch) & ((1 << 62) - 1)
 
 
 def _fused_sgd_supported(device: torch.device) -> bool:
@@ -541,8 +537,8 @@ class Evolution:
 
     def _train_epoch(self, net: nn.Module, opt, sched, g: int, epoch: int) -> float:
         """One epoch; returns the mean training loss, read from the device once."""
-        seed = _epoch_seed(self.cfg.seed, g, epoch)
-        torch.manual_seed(seed)  # dropout & co.: a function of (seed, generation, epoch) only
+        # dropout & co.: a function of (seed, generation, epoch) only (the seed of the epoch's batch order)
+        torch.manual_seed(draw_seed(self.cfg.seed, g, epoch))
         net.train()
         total, count = torch.zeros((), device=self.device), 0
         if self._bar is not None:

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
 
+from .data import ImageSet
+
 TASKS = ("classify", "metric")
 RECALL_AT = (1, 4)
 TEMPERATURE = 0.05
@@ -79,9 +81,9 @@ def recall_at_k(embeddings: torch.Tensor, labels: torch.Tensor, ks: Sequence[int
 
 def labels_of(data: Dataset) -> torch.Tensor:
     """The int64 labels of a data set of (input, label), without decoding where they are at hand (a
-    TensorDataset, an ImageFolder's ``samples``, a :class:`ClassSubset`, a Subset or ConcatDataset of those);
+    TensorDataset, a :class:`ke_fast.data.ImageSet`, a :class:`ClassSubset`, a Subset or ConcatDataset of those);
     otherwise by reading every item."""
-    if isinstance(data, ClassSubset):
+    if isinstance(data, ClassSubset | ImageSet):
         return data.labels
     if isinstance(data, TensorDataset):
         return data.tensors[-1].to(torch.int64).reshape(-1)
@@ -89,8 +91,6 @@ def labels_of(data: Dataset) -> torch.Tensor:
         return torch.cat([labels_of(d) for d in data.datasets])
     if isinstance(data, Subset):
         return labels_of(data.dataset)[torch.as_tensor(list(data.indices), dtype=torch.int64)]
-    if isinstance(getattr(data, "samples", None), list):
-        return torch.tensor([label for _, label in data.samples], dtype=torch.int64)
     return torch.tensor([int(data[i][1]) for i in range(len(data))], dtype=torch.int64)
 
 

@@ -283,3 +283,29 @@ def images(root: str | Path, size: int = 224, cache: bool = True) -> tuple[Image
     if (root / "lists").is_dir() and not (root / "train").is_dir():
         return split_lists(root, size, cache)
     return image_folder(root, size, cache)
+
+
+DIABETES_TEST = 88  # samples held out for testing (a fifth of the 442, rounded down)
+
+
+def diabetes(seed: int = 0) -> tuple[TensorDataset, TensorDataset, int, int]:
+    """scikit-learn's bundled diabetes regression data (442 samples, 10 features, no download): a seeded split
+    into 354 training and DIABETES_TEST test samples, features and target standardised with the training
+    samples' mean and standard deviation only (the test samples are never looked at).
+
+    Returns (train, test, num_targets, num_features) = (..., 1, 10): float32 features [N, 10] and one target
+    per sample [N] (disease progression after a year, standardised: an RMSE of 1.0 is the training spread)."""
+    from sklearn.datasets import load_diabetes
+
+    d = load_diabetes(scaled=False)
+    x = torch.tensor(d.data, dtype=torch.float64)
+    y = torch.tensor(d.target, dtype=torch.float64)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    train, test = order[DIABETES_TEST:], order[:DIABETES_TEST]
+    mean, std = x[train].mean(0), x[train].std(0)
+    y_mean, y_std = y[train].mean(), y[train].std()
+
+    def standardised(idx: torch.Tensor) -> TensorDataset:
+        return TensorDataset(((x[idx] - mean) / std).float(), ((y[idx] - y_mean) / y_std).float())
+
+    return standardised(train), standardised(test), 1, x.shape[1]

@@ -22,9 +22,17 @@ from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
 
 from .data import ImageSet
 
-TASKS = ("classify", "metric")
 RECALL_AT = (1, 4)
 TEMPERATURE = 0.05
+
+
+def __getattr__(name: str) -> object:
+    """``TASKS`` moved to :data:`ke_fast.tasks.TASKS` (the registry of task classes); the old tuple of names
+    stays readable here."""
+    if name == "TASKS":
+        from .tasks import TASKS
+        return tuple(TASKS)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def embed(out: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,6 @@ summary.json, "n/a" in results.md, no error band in the plot.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -25,21 +24,23 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
 
-from .evolve import RUN_FILES, Config, Evolution, headline_metric
+from .config import Config, ConfigError
+from .evolve import Evolution
+from .rundir import STUDY_FILES, StudyDir, write_text  # noqa: F401  (STUDY_FILES: re-exported)
+from .tasks import TASKS
 
 BASELINES = ("long",)
-STUDY_FILES = ("summary.json", "results.md", "plot.png")  # what a study writes into <out> itself
 STD = "sample standard deviation over the seeds (numpy ddof=1); null with one seed"
 
 
 def seed_dir(out: str | Path, seed: int) -> Path:
-    """The run folder of one seed of a study in ``out``."""
-    return Path(out) / f"seed-{seed}"
+    """The run folder of one seed of a study in ``out`` (:meth:`ke_fast.rundir.StudyDir.seed`)."""
+    return StudyDir(out).seed(seed)
 
 
 def baseline_dir(out: str | Path, seed: int) -> Path:
-    """The run folder of one seed's compute-matched baseline."""
-    return seed_dir(out, seed) / "baseline"
+    """The run folder of one seed's compute-matched baseline (:meth:`ke_fast.rundir.StudyDir.baseline`)."""
+    return StudyDir(out).baseline(seed)
 
 
 def baseline_config(config: Config) -> Config:
@@ -53,29 +54,14 @@ def baseline_config(config: Config) -> Config:
 
 
 def study_files(out: str | Path) -> list[Path]:
-    """Every file in ``out`` that belongs to a run or a study: a run's files (``RUN_FILES``) and
-    results.md in ``out`` itself, and a run's files in every ``seed-*/`` folder and its ``baseline/``."""
-    out = Path(out)
-    folders = [out]
-    for d in sorted(out.glob("seed-*")) if out.is_dir() else ():
-        if d.is_dir():
-            folders += [d, d / "baseline"]
-    top = dict.fromkeys((*RUN_FILES, *STUDY_FILES))  # a single run's files too: a study must not mix with one
-    return [f / n for f in folders for n in (top if f == out else RUN_FILES) if (f / n).is_file()]
+    """Every file in ``out`` that belongs to a run or a study (:meth:`ke_fast.rundir.StudyDir.files`)."""
+    return StudyDir(out).files()
 
 
 def remove_study(out: str | Path) -> list[Path]:
-    """Delete :func:`study_files` of ``out`` and the seed folders that are empty afterwards; returns the
-    deleted files. Other files stay, and so do the folders that hold them."""
-    removed = study_files(out)
-    for f in removed:
-        f.unlink()
-    out = Path(out)
-    folders = {d for f in removed for d in f.parents if d != out and out in d.parents}  # seed-n/, seed-n/baseline/
-    for d in sorted(folders, key=lambda p: len(p.parts), reverse=True):  # the deepest first
-        if not any(d.iterdir()):
-            d.rmdir()
-    return removed
+    """Delete :func:`study_files` of ``out`` and the seed folders left empty; returns the deleted files
+    (:meth:`ke_fast.rundir.StudyDir.clear`)."""
+    return StudyDir(out).clear()
 
 
 def _stat(values: Sequence[float]) -> dict[str, Any]:
@@ -85,8 +71,8 @@ def _stat(values: Sequence[float]) -> dict[str, Any]:
 
 def aggregate(histories: Mapping[int, list[dict]], baselines: Mapping[int, dict] | None = None,
               task: str = "classify") -> dict[str, Any]:
-    """Mean and sample std (ddof=1) over the seeds of the task's headline metric (top-1 accuracy, or
-    Recall@1 for ``task="metric"``, see :func:`ke_fast.evolve.headline_metric`) of the dense and the fit
+    """Mean and sample std (ddof=1) over the seeds of the task's headline metric (top-1 accuracy, Recall@1
+    for ``task="metric"``, RMSE for ``task="regression"``: :mod:`ke_fast.tasks`) of the dense and the fit
     network, per generation.
 
     Args:
@@ -94,12 +80,15 @@ def aggregate(histories: Mapping[int, list[dict]], baselines: Mapping[int, dict]
             generations.
         baselines: {seed: the baseline's last history row}, the same seeds, or None.
 
-    Returns ``{"seeds", "std", "metric": {"dense", "fit", "name"}, "generations": [{"generation",
+    Returns ``{"seeds", "std", "metric": {"dense", "fit", "name", "label", "percent", "higher_is_better"},
+    "generations": [{"generation",
     "dense_acc": stat, "fit_acc": stat}], "final": {key: stat}, "baseline": {key: stat} or None}`` (the keys
     are the history's, e.g. ``dense_recall1`` for metric learning), where a stat is ``{"mean", "std",
     "values"}`` with the values in the order of the seeds."""
-    suffix, name = headline_metric(task)
-    metrics = (f"dense_{suffix}", f"fit_{suffix}")
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {tuple(TASKS)}, got {task!r}")
+    headline = TASKS[task].headline()
+    metrics = (headline["dense"], headline["fit"])
     seeds = list(histories)
     if not seeds:
         raise ValueError("histories must hold at least one seed")
@@ -113,45 +102,54 @@ def aggregate(histories: Mapping[int, list[dict]], baselines: Mapping[int, dict]
         if list(baselines) != seeds:
             raise ValueError(f"baselines must hold the seeds of histories {seeds}, got {list(baselines)}")
         base = {m: _stat([baselines[s][m] for s in seeds]) for m in metrics}
-    return dict(seeds=seeds, std=STD, metric=dict(dense=metrics[0], fit=metrics[1], name=name), generations=rows,
+    return dict(seeds=seeds, std=STD, metric=headline, generations=rows,
                 final={m: rows[-1][m] for m in metrics}, baseline=base)
 
 
-def _pct(stat: dict) -> str:
-    std = "n/a" if stat["std"] is None else f"{100 * stat['std']:.1f}"
-    return f"{100 * stat['mean']:.1f} ± {std}"
+def _show(value: float, percent: bool) -> str:
+    return f"{100 * value:.1f}" if percent else f"{value:.3f}"
+
+
+def _pct(stat: dict, percent: bool = True) -> str:
+    std = "n/a" if stat["std"] is None else _show(stat["std"], percent)
+    return f"{_show(stat['mean'], percent)} ± {std}"
 
 
 def results_markdown(summary: Mapping[str, Any]) -> str:
     """results.md: the per-generation table (mean ± std over the seeds, the baseline below KE's last
     generation) and the last generation and the baseline of every seed."""
-    cfg, seeds, base = summary["config"], summary["seeds"], summary["baseline"]
-    dense, fit, name = summary["metric"]["dense"], summary["metric"]["fit"], summary["metric"]["name"]
+    cfg, seeds, base, metric = summary["config"], summary["seeds"], summary["baseline"], summary["metric"]
+    dense, fit, name = metric["dense"], metric["fit"], metric["name"]
+    percent, label = metric.get("percent", True), metric.get("label", f"test {name} (%)")  # older summaries
+
+    def pct(stat: dict) -> str:
+        return _pct(stat, percent)
+
     g, e = cfg["generations"], cfg["epochs"]
     setup = ", ".join(f"{k} {v}" for k, v in (summary.get("identity") or {}).items() if v is not None)
     lines = [f"# KE {cfg['split'].upper()} {cfg['split_rate']}: {len(seeds)} seed(s) ({', '.join(map(str, seeds))})",
              "",
              f"{g} generations x {e} epochs, lr {cfg['lr']}, batch {cfg['batch_size']}, warm-up {cfg['warmup_epochs']} "
              f"epochs, evolve mode {cfg['evolve_mode']}" + (f"; {setup}" if setup else "") + ".",
-             f"Test {name} (%)" + (" on classes unseen in training" if cfg.get("task") == "metric" else "")
-             + ", mean ± sample standard deviation over the seeds (ddof=1; n/a with one seed).",
+             f"{label[0].upper()}{label[1:]}, mean ± sample standard deviation over the seeds (ddof=1; n/a with one "
+             f"seed)" + ("" if metric.get("higher_is_better", True) else f"; {name}: lower is better") + ".",
              "", "| generation | dense N_g | fit H^F_g |", "|---:|---:|---:|"]
-    lines += [f"| {r['generation']} | {_pct(r[dense])} | {_pct(r[fit])} |" for r in summary["generations"]]
+    lines += [f"| {r['generation']} | {pct(r[dense])} | {pct(r[fit])} |" for r in summary["generations"]]
     if base is not None:
-        lines.append(f"| long dense baseline, {g * e} epochs | {_pct(base[dense])} | (no split) |")
+        lines.append(f"| long dense baseline, {g * e} epochs | {pct(base[dense])} | (no split) |")
     last = summary["generations"][-1]["generation"]
     lines += ["", f"Per seed (generation {last}" + (", and the baseline" if base else "") + "):", "",
               f"| seed | dense N_{last} | fit H^F_{last} |" + (" long baseline |" if base else ""),
               "|---:|---:|---:|" + ("---:|" if base else "")]
     for i, s in enumerate(seeds):
         cells = [summary["final"][m]["values"][i] for m in (dense, fit)] + ([base[dense]["values"][i]] if base else [])
-        lines.append(f"| {s} | " + " | ".join(f"{100 * v:.1f}" for v in cells) + " |")
+        lines.append(f"| {s} | " + " | ".join(_show(v, percent) for v in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def plot(summary: Mapping[str, Any], path: str | Path) -> None:
-    """plot.png: mean dense and fit accuracy per generation with a ±std band, the baseline as a point
-    with an error bar at the last generation."""
+    """plot.png: the mean dense and fit headline metric per generation with a ±std band, the baseline as a
+    point with an error bar at the last generation."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -159,24 +157,26 @@ def plot(summary: Mapping[str, Any], path: str | Path) -> None:
     import matplotlib.ticker
 
     dense, name = summary["metric"]["dense"], summary["metric"]["name"]
+    scale = 100 if summary["metric"].get("percent", True) else 1
     gens = np.array([r["generation"] for r in summary["generations"]])
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    for metric, style, label in ((dense, "o-", "dense $N_g$"), (summary["metric"]["fit"], "s-", "fit hypothesis $H^F_g$")):
-        mean = 100 * np.array([r[metric]["mean"] for r in summary["generations"]])
+    curves = ((dense, "o-", "dense $N_g$"), (summary["metric"]["fit"], "s-", "fit hypothesis $H^F_g$"))
+    for metric, style, label in curves:
+        mean = scale * np.array([r[metric]["mean"] for r in summary["generations"]])
         (line,) = ax.plot(gens, mean, style, label=label)
         if len(summary["seeds"]) > 1:
-            std = 100 * np.array([r[metric]["std"] for r in summary["generations"]])
+            std = scale * np.array([r[metric]["std"] for r in summary["generations"]])
             ax.fill_between(gens, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
     base = summary["baseline"]
     if base is not None:
         cfg = summary["config"]
         std = base[dense]["std"]
-        ax.errorbar([gens[-1]], [100 * base[dense]["mean"]], yerr=None if std is None else [100 * std],
+        ax.errorbar([gens[-1]], [scale * base[dense]["mean"]], yerr=None if std is None else [scale * std],
                     fmt="D", color="black", capsize=4,
                     label=f"long dense baseline ({cfg['generations'] * cfg['epochs']} epochs)")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("generation")
-    ax.set_ylabel(f"test {name} (%)")
+    ax.set_ylabel(summary["metric"].get("label", f"test {name} (%)"))
     ax.set_title(f"KE {summary['config']['split'].upper()} {summary['config']['split_rate']}, "
                  f"{len(summary['seeds'])} seed(s), mean ± std")
     ax.grid(alpha=0.3)
@@ -213,23 +213,36 @@ class Study:
                  log: Callable[[str], None] = print, identity: dict[str, Any] | None = None, **options: Any) -> None:
         self.config = config.validate()
         seeds = list(seeds)
-        if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2 ** 64 for s in seeds):
-            raise ValueError(f"seeds must be a non-empty list of ints in 0 .. 2^64-1, got {seeds!r}")
+        if not seeds:
+            raise ValueError("seeds must be a non-empty list of ints in 0 .. 2^64-1, got []")
+        try:  # the Config checks a seed
+            for s in seeds:
+                replace(self.config, seed=s)
+        except ConfigError as exc:
+            raise ValueError(f"seeds: {exc}") from None
         if len(set(seeds)) != len(seeds):
             raise ValueError(f"seeds must be distinct, got {seeds}")
         if baseline is not None and baseline not in BASELINES:
             raise ValueError(f"baseline must be None or one of {BASELINES}, got {baseline!r}")
         self.make, self.seeds, self.out, self.baseline = make, seeds, Path(out_dir), baseline
+        self.dir = StudyDir(self.out)
         self.device, self.progress, self.identity, self.options = device, progress, identity, options
         self.rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         self.log = log if self.rank == 0 else (lambda _: None)
         self._evolution_log = log
         self.current: Evolution | None = None
 
-    def run(self, resume: bool = False) -> dict[str, Any]:
+    def run(self, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
         """Run (or, with ``resume``, continue) every seed in order, then write summary.json, results.md
         and plot.png; returns the summary. A resume continues each seed's runs from their checkpoints: a
-        finished one is only read, an unfinished one continues where it stopped, a missing one starts."""
+        finished one is only read, an unfinished one continues where it stopped, a missing one starts.
+
+        A folder holding a run or a study raises RunExistsError (a FileExistsError) and is left as it is,
+        unless ``resume`` or ``overwrite`` (every run and study file in it is deleted once every check has
+        passed; other files stay); see :meth:`ke_fast.rundir.StudyDir.check`."""
+        self.dir.check(self.seeds, resume, overwrite)
+        if overwrite and self.rank == 0 and (removed := self.dir.clear()):
+            self.log(f"overwrite: deleted {len(removed)} files of the previous run(s) in {self.out}")
         histories: dict[int, list[dict]] = {}
         baselines: dict[int, dict] | None = {} if self.baseline else None
         for i, seed in enumerate(self.seeds):
@@ -241,19 +254,15 @@ class Study:
                          f"{baseline_dir(self.out, seed)}")
                 baselines[seed] = self._one(seed, cfg, baseline_dir(self.out, seed), resume)[-1]
         self.current = None
-        summary = dict(aggregate(histories, baselines, self.config.task), config={k: v for k, v in asdict(self.config).items()
-                                                                if k != "seed"},
-                       identity=self.identity)
+        summary = dict(aggregate(histories, baselines, self.config.task),
+                       config={k: v for k, v in asdict(self.config).items() if k != "seed"}, identity=self.identity)
         if self.baseline:
             summary["baseline"] = dict(kind=self.baseline, epochs=baseline_config(self.config).epochs,
                                        **summary["baseline"])
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            for name, text in (("summary.json", json.dumps(summary, indent=2)),
-                               ("results.md", results_markdown(summary))):
-                tmp = self.out / (name + ".tmp")
-                tmp.write_text(text)
-                os.replace(tmp, self.out / name)
+            write_text(self.out / "summary.json", json.dumps(summary, indent=2))
+            write_text(self.out / "results.md", results_markdown(summary))
             plot(summary, self.out / "plot.png")
         return summary
 

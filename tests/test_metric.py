@@ -189,7 +189,6 @@ def test_ddp_ranks_agree_on_proxies_and_snip_masks(tmp_path):
     """Under DDP each rank trains on its own shard: the proxies (outside DDP) get their gradient averaged
     over the ranks, and the SNIP masks are rank 0's everywhere, so both stay identical on every rank."""
     import os
-    import socket
     import subprocess
     import sys
     from pathlib import Path
@@ -197,13 +196,10 @@ def test_ddp_ranks_agree_on_proxies_and_snip_masks(tmp_path):
     script = tmp_path / "ddp_metric.py"
     script.write_text(DDP_SCRIPT)
     out = tmp_path / "out"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr",
-                          "127.0.0.1", "--master_port", str(port), str(script), str(out)], env=env,
-                         capture_output=True, text=True, timeout=300)
+    # --standalone: torchrun's rendezvous store binds a free port itself (no port picked here, bound later)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), str(out)], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     a, b = (torch.load(out / f"rank{r}.pt") for r in (0, 1))
     assert torch.equal(a["proxies"], b["proxies"])

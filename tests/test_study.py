@@ -226,7 +226,7 @@ def test_one_seed_and_overwrite(tmp_path, capsys):
     (out / "results.md").write_text("old")
     (out / "notes.txt").write_text("mine")
     assert cli.main(["run", *_tiny(1, 1), "--seed", "5", "--baseline", "long", "--out", str(out), "--overwrite"]) == 0
-    assert "--overwrite: deleted 2 files" in capsys.readouterr().out
+    assert "overwrite: deleted 2 files" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "plot.png", "results.md", "seed-5", "summary.json"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["seeds"] == [5] and summary["generations"][0]["dense_acc"]["std"] is None
@@ -253,7 +253,8 @@ def test_aggregate_metric_task_reads_recall_and_labels_it(tmp_path):
     histories = {s: [dict(generation=1, dense_recall1=r, fit_recall1=r - 0.1, dense_recall4=1.0, fit_recall4=1.0)]
                  for s, r in ((0, 0.5), (1, 0.7))}
     s = aggregate(histories, task="metric")
-    assert s["metric"] == dict(dense="dense_recall1", fit="fit_recall1", name="Recall@1")
+    assert s["metric"] == dict(dense="dense_recall1", fit="fit_recall1", name="Recall@1", percent=True,
+                               higher_is_better=True, label="test Recall@1 (%) on classes unseen in training")
     assert s["generations"][0]["fit_recall1"]["mean"] == pytest.approx(0.5)
     summary = dict(s, config=dict(Config(task="metric").__dict__), identity=None)
     text = results_markdown(summary)

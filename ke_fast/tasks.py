@@ -1,0 +1,242 @@
+"""What a KE run learns and how it is scored: one :class:`Task` per task (Lightning's LightningModule seam).
+
+A Task owns its loss, the trainable parameters it adds beside the network (``criterion``: the metric
+task's proxies; optimised with the network, never masked or reset, checkpointed with the run), the
+evaluation of a model on batches, its headline metric and how metrics are shown (the command line's table,
+the plots, what a study aggregates and whether higher or lower is better), the data it runs on by default
+and the size of the model's output. The generation loop (:class:`ke_fast.evolve.Evolution`), the study and
+the command line call these and never ask which task runs: a new task is one class here and one entry in
+:data:`TASKS`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, ClassVar, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from . import metric
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _output_size(model: nn.Module, example: torch.Tensor) -> int:
+    """The number of features the model outputs per sample (one eval-mode forward of ``example``)."""
+    was_training = model.training
+    with torch.no_grad():
+        size = model.eval()(example).flatten(1).shape[1]
+    model.train(was_training)
+    return size
+
+
+class Task:
+    """The base of every task; a subclass sets the class attributes and overrides :meth:`loss` and
+    :meth:`evaluate` (and :meth:`setup` when it trains parameters of its own).
+
+    Class attributes: ``name`` (its key in :data:`TASKS`); ``key`` / ``metric_name``: the headline metric
+    (the history holds ``dense_<key>`` and ``fit_<key>``) and ``higher_is_better``; ``percent``: metrics are
+    fractions shown x100 with "%"; ``label``: the caption of plots and tables; ``columns``: ``(history key,
+    header)`` of the command line's table; ``dataset``: the bundled data set it runs on by default and
+    ``images``: whether it also runs on image folders; ``embedding_default``: not None when the model's
+    output is an embedding of a chosen size; ``own_split``: not None (saying how) when it splits the pooled
+    data by itself."""
+
+    name: ClassVar[str] = ""
+    key: ClassVar[str] = ""
+    metric_name: ClassVar[str] = ""
+    higher_is_better: ClassVar[bool] = True
+    percent: ClassVar[bool] = True
+    label: ClassVar[str] = ""
+    columns: ClassVar[tuple[tuple[str, str], ...]] = ()
+    dataset: ClassVar[str] = "digits"
+    images: ClassVar[bool] = True
+    embedding_default: ClassVar[int | None] = None
+    own_split: ClassVar[str | None] = None
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self.criterion: nn.Module | None = None  # the loss, where it has parameters of its own
+
+    # -- data and model ---------------------------------------------------------------------------
+    @classmethod
+    def outputs(cls, classes: int, embedding_dim: int | None = None) -> int:
+        """The model's output size for data of ``classes`` classes (or targets)."""
+        return classes
+
+    @classmethod
+    def prepare(cls, train: Dataset, test: Dataset) -> tuple[Dataset, Dataset]:
+        """The task's (train, test) from a data set's; raises ValueError when they do not suit the task."""
+        return train, test
+
+    @classmethod
+    def describe(cls, train: Dataset, test: Dataset) -> str:
+        """What the command line's header adds about the data (e.g. the classes of each side)."""
+        return ""
+
+    def check_data(self, train_set: Dataset, test_set: Dataset) -> None:
+        """Raise ValueError when the data cannot be scored by this task."""
+
+    def setup(self, model: nn.Module, train_set: Dataset, example: Callable[[], torch.Tensor],
+              device: torch.device) -> None:
+        """Before training: make the task's own parameters (``criterion``); ``example()`` is one test input."""
+
+    # -- training ---------------------------------------------------------------------------------
+    def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The task's trainable parameters, optimised with the network's."""
+        return [] if self.criterion is None else list(self.criterion.parameters())
+
+    def state_dict(self) -> dict | None:
+        return None if self.criterion is None else self.criterion.state_dict()
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """Restore :meth:`state_dict`; raises ValueError when the task has state and ``state`` is None."""
+        if self.criterion is None:
+            return
+        if state is None:
+            raise ValueError(f"it holds no state of the {self.name} task's loss ({type(self.criterion).__name__})")
+        self.criterion.load_state_dict(state)
+
+    # -- scoring ----------------------------------------------------------------------------------
+    def evaluate(self, forward: Forward, batches: Batches) -> dict[str, float]:
+        """The task's metrics of ``forward`` (the model as it is) over ``batches`` of (input, target)."""
+        raise NotImplementedError
+
+    @classmethod
+    def show(cls, value: float) -> str:
+        """A metric value in a log line."""
+        return f"{100 * value:5.1f} %" if cls.percent else f"{value:6.3f}"
+
+    @classmethod
+    def cell(cls, value: float) -> str:
+        """A metric value in the command line's table (9 characters)."""
+        return f"{100 * value:8.1f}%" if cls.percent else f"{value:9.3f}"
+
+    @classmethod
+    def table(cls, history: list[dict]) -> str:
+        """The command line's table: the task's columns (metrics of N_g and H^F_g) per generation."""
+        widths = [max(9, len(head)) for _, head in cls.columns]
+        lines = ["generation | " + " | ".join(head.rjust(w) for (_, head), w in zip(cls.columns, widths))]
+        lines += [f"{row['generation']:10d} | " + " | ".join(cls.cell(row[key]).rjust(w)
+                                                             for (key, _), w in zip(cls.columns, widths))
+                  for row in history]
+        return "\n".join(lines)
+
+    @classmethod
+    def headline(cls) -> dict[str, Any]:
+        """The headline metric as a study's summary records it."""
+        return dict(dense=f"dense_{cls.key}", fit=f"fit_{cls.key}", name=cls.metric_name, label=cls.label,
+                    percent=cls.percent, higher_is_better=cls.higher_is_better)
+
+
+class Classify(Task):
+    """Classification: label-smoothed cross-entropy (``config.label_smoothing``), top-1 accuracy."""
+
+    name, key, metric_name, label = "classify", "acc", "top-1", "test top-1 (%)"
+    columns = (("dense_acc", "dense N_g"), ("fit_acc", "fit H^F_g"))
+
+    def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out.float(), y, label_smoothing=self.config.label_smoothing)
+
+    def evaluate(self, forward: Forward, batches: Batches) -> dict[str, float]:
+        correct, n = 0, 0  # the count stays on the device until the end
+        for x, y in batches:
+            correct = correct + (forward(x).argmax(1) == y).sum()
+            n += len(y)
+        return {"acc": int(correct) / max(1, n)}
+
+
+class Metric(Task):
+    """Metric learning (:mod:`ke_fast.metric`): the model's output is an embedding; the normalised-softmax
+    loss over one proxy per training class (the task's parameters); Recall@1 / Recall@4 among the test
+    images, whose classes training never saw (:func:`ke_fast.metric.class_split`)."""
+
+    name, key, metric_name = "metric", "recall1", "Recall@1"
+    label = "test Recall@1 (%) on classes unseen in training"
+    columns = (("dense_recall1", "dense R@1"), ("fit_recall1", "fit R@1"), ("dense_recall4", "dense R@4"),
+               ("fit_recall4", "fit R@4"))
+    embedding_default = 64
+    own_split = "trains on every image of the first half of the classes"
+
+    @classmethod
+    def outputs(cls, classes: int, embedding_dim: int | None = None) -> int:
+        return cls.embedding_default if embedding_dim is None else embedding_dim
+
+    @classmethod
+    def prepare(cls, train: Dataset, test: Dataset) -> tuple[Dataset, Dataset]:
+        return metric.class_split(train, test)
+
+    @classmethod
+    def describe(cls, train: Dataset, test: Dataset) -> str:
+        return f" (classes {train.classes} / {test.classes})"
+
+    def check_data(self, train_set: Dataset, test_set: Dataset) -> None:
+        if len(test_set) <= max(metric.RECALL_AT):
+            raise ValueError(f"test_set holds {len(test_set)} images; Recall@{max(metric.RECALL_AT)} needs more")
+
+    def setup(self, model: nn.Module, train_set: Dataset, example: Callable[[], torch.Tensor],
+              device: torch.device) -> None:
+        classes = int(metric.labels_of(train_set).max()) + 1
+        dim = _output_size(model, example())
+        self.criterion = metric.NormSoftmaxLoss(classes, dim, seed=self.config.seed).to(device)
+
+    def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.criterion(out, y)
+
+    def evaluate(self, forward: Forward, batches: Batches) -> dict[str, float]:
+        embeddings, labels = [], []
+        for x, y in batches:
+            embeddings.append(metric.embed(forward(x)))
+            labels.append(y)
+        return metric.recall_at_k(torch.cat(embeddings), torch.cat(labels))
+
+
+class Regression(Task):
+    """Regression of one continuous target per sample (e.g. :func:`ke_fast.data.diabetes`, standardised):
+    mean squared error; RMSE (headline, lower is better; in the target's units: 1.0 on a target
+    standardised with the training statistics is about what predicting the training mean scores) and the
+    coefficient of determination R² = 1 - SSE / SST on the test set."""
+
+    name, key, metric_name = "regression", "rmse", "RMSE"
+    higher_is_better, percent = False, False
+    label = "test RMSE (standardised target; lower is better)"
+    columns = (("dense_rmse", "dense RMSE"), ("fit_rmse", "fit RMSE"), ("dense_r2", "dense R²"),
+               ("fit_r2", "fit R²"))
+    dataset, images = "diabetes", False
+
+    def setup(self, model: nn.Module, train_set: Dataset, example: Callable[[], torch.Tensor],
+              device: torch.device) -> None:
+        size = _output_size(model, example())
+        if size != 1:
+            raise ValueError(f"task 'regression' predicts one target per sample: the model must output 1 value, "
+                             f"it outputs {size}")
+
+    def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(out.float().reshape(y.shape), y.float())
+
+    def evaluate(self, forward: Forward, batches: Batches) -> dict[str, float]:
+        predicted, targets = [], []
+        for x, y in batches:  # fp64 sums: SST of a standardised target is a difference of similar numbers
+            predicted.append(forward(x).double().reshape(y.shape))
+            targets.append(y.double())
+        p, t = torch.cat(predicted), torch.cat(targets)
+        sse, sst = float(((p - t) ** 2).sum()), float(((t - t.mean()) ** 2).sum())
+        return {"rmse": math.sqrt(sse / len(t)), "r2": 1 - sse / sst if sst > 0 else math.nan}
+
+
+TASKS: dict[str, type[Task]] = {t.name: t for t in (Classify, Metric, Regression)}
+
+
+def headline_metric(task: str) -> tuple[str, str]:
+    """The headline metric of a task: (history key suffix, its name), e.g. ("acc", "top-1") for "classify",
+    ("recall1", "Recall@1") for "metric", ("rmse", "RMSE") for "regression"; the history has
+    ``dense_<suffix>`` and ``fit_<suffix>``."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {tuple(TASKS)}, got {task!r}")
+    return TASKS[task].key, TASKS[task].metric_name

@@ -5,8 +5,10 @@ ordinary run folder, resumable on its own) and, with ``baseline="long"``, the co
 each seed into ``<out>/seed-<n>/baseline/``: the same model, data, seed, learning rate, warm-up and batch
 size, trained densely for generations x epochs epochs in one schedule, never split and never reset (an
 Evolution run of :func:`baseline_config`). It then writes ``<out>/summary.json``, ``<out>/results.md`` and
-``<out>/plot.png``: per generation the mean and the sample standard deviation over the seeds of the dense
-and the fit accuracy, and the baseline beside KE's last generation.
+``<out>/plot.png``: per generation the mean and the sample standard deviation over the seeds of the task's
+headline metric (:mod:`ke_fast.tasks`: top-1, Recall@1, or RMSE where lower is better) of the dense network
+and the fit hypothesis, and the baseline beside KE's last generation. The folder follows the overwrite /
+resume policy of :class:`ke_fast.rundir.StudyDir`.
 
 std is the sample standard deviation (numpy's ``ddof=1``); with one seed it is undefined: ``null`` in
 summary.json, "n/a" in results.md, no error band in the plot.
@@ -243,6 +245,8 @@ class Study:
         self.dir.check(self.seeds, resume, overwrite)
         if overwrite and self.rank == 0 and (removed := self.dir.clear()):
             self.log(f"overwrite: deleted {len(removed)} files of the previous run(s) in {self.out}")
+        if overwrite and dist.is_available() and dist.is_initialized():
+            dist.barrier()  # no rank checks a seed's folder before rank 0 has cleared it
         histories: dict[int, list[dict]] = {}
         baselines: dict[int, dict] | None = {} if self.baseline else None
         for i, seed in enumerate(self.seeds):

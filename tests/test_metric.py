@@ -130,6 +130,29 @@ def test_proxies_are_optimised_checkpointed_and_resumed(tmp_path, monkeypatch):
         assert torch.equal(a, b), k
 
 
+def test_a_checkpoint_of_the_old_format_resumes_the_proxies(tmp_path):
+    """A checkpoint written before the format field (the proxies under "criterion") resumes them; one that
+    lacks them is refused, naming the file."""
+    from ke_fast.evolve import CheckpointError, load_checkpoint, save_atomic
+
+    train, test = _split(train_every=20)
+    test = Subset(test, range(0, len(test), 8))
+    out = tmp_path / "run"
+    ref = _evolution(out, train, test, generations=1, epochs=2)
+    ref.run()
+    ckpt = load_checkpoint(out / "prev.pt")  # after epoch 1
+    old = dict({k: v for k, v in ckpt.items() if k not in ("format", "task")}, criterion=ckpt["task"])
+    assert set(old["criterion"]) == {"proxies"}
+    save_atomic(old, out / "last.pt")
+    resumed = _evolution(out, train, test, generations=1, epochs=2)
+    resumed.run(resume=True)
+    assert resumed.start == (1, 1)
+    assert torch.equal(resumed.criterion.proxies, ref.criterion.proxies)
+    save_atomic(dict(old, criterion=None), out / "last.pt")
+    with pytest.raises(CheckpointError, match="last.pt.*holds no state of the metric task"):
+        _evolution(out, train, test, generations=1, epochs=2).run(resume=True)
+
+
 def test_cli_metric_table(tmp_path, capsys):
     out = tmp_path / "o"
     rc = cli.main(["run", "--task", "metric", "--embedding-dim", "8", "--model", "small_cnn", "--generations", "1",

@@ -15,6 +15,7 @@ import ke_fast
 import ke_fast.kernels as K
 from ke_fast import MaskedConv2d, MaskedLayer, MaskedLinear
 from ke_fast.models import MLP, DenseNetTiny, resnet18, resnet50
+from ke_fast.state import split_state
 
 from conftest import PAIRS
 
@@ -542,9 +543,7 @@ def test_model_reinit_plan_follows_storage_changes():
     c = copy.deepcopy(b).float()
     ke_fast.reinit_(c, 3)
     fresh = copy.deepcopy(b).float()
-    from ke_fast import convert
-
-    convert._PLANS.pop(fresh, None)
+    split_state(fresh).drop_caches()
     ke_fast.reinit_(fresh, 3)
     assert all(torch.equal(p, q) for p, q in zip(c.parameters(), fresh.parameters()))
 
@@ -607,9 +606,8 @@ def test_tied_weights_share_one_mask_and_reinit_keeps_fit(mode):
         fit_before = model(x)
     before = {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)}
     ke_fast.reinit_(model, 1)
-    from ke_fast import convert
-
-    listed = [w.data_ptr() for w in convert._PLANS[model][1].weights]
+    (plan,) = split_state(model).cached("reset")
+    listed = [w.data_ptr() for w in plan.weights]
     assert len(listed) == len(set(listed)) == 6  # stem, a, head: the shared weight and bias once
     for name, m in ke_fast.masked_layers(model):
         keep, w0, w1 = masks[name], before[f"{name}.weight"], m.weight.detach()

@@ -52,9 +52,58 @@ TRAIN_PATHS = ("op", "eager", "batched")
 TRAIN_PATH: dict[str, str] = {"cuda": "eager", "cpu": "eager"}
 
 
-class MaskedLayer:
+class _Persistence:
+    """What a masked layer keeps and drops across moves (``.to()``), copies, pickles and checkpoints: its
+    caches never travel, its SplitState does (settings only), a dense checkpoint loads and keeps the mask.
+    A base of :class:`MaskedLayer`, so it comes before the torch class in every masked class's MRO."""
+
+    def _drop_fit_caches(self) -> None:
+        self._ke_fit = None
+        self._ke_keep = None
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to() / .half() / .cuda(): the cached W*M and masks, and the model's reset plans, belong to the old tensors
+        self._drop_fit_caches()
+        self.__dict__[LAYER_ATTR].drop_caches()
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:
+        # caches and the fit group (weak references) are not part of a layer's state: pickle / deepcopy skip them;
+        # the SplitState is (its settings only), shared with the model and its other layers
+        state = dict(super().__getstate__())
+        state.update(_ke_fit=None, _ke_keep=None, _ke_group=None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if state_of_layer(self) is None:  # pickled before SplitState existed: its seed was a copy on each layer
+            seed = self.__dict__.pop("ke_seed", 0)
+            custom = self.split_mode == "custom"
+            self.__dict__[LAYER_ATTR] = SplitState(self.split_mode, None if custom else self.split_rate, seed)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A dense checkpoint (no fit_mask) loads into masked layers and keeps the current mask.
+        key = prefix + "fit_mask"
+        had = key in state_dict
+        if had:
+            try:
+                self._check_words(state_dict[key])
+            except ValueError as exc:
+                error_msgs.append(f"{key}: {exc}")
+                return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if not had and key in missing_keys:
+            missing_keys.remove(key)
+        self.bias_mask = output_mask(self.fit_mask, self.weight.shape)
+        self._drop_fit_caches()
+
+
+class MaskedLayer(_Persistence):
     """Mixin of the masked layers (placed before the torch class): constructor keywords, mask buffers,
-    mode, state-dict rules and the forward; subclasses only say how W and b are applied."""
+    mode and the forward (state-dict and copy rules: :class:`_Persistence`); subclasses only say how W and b
+    are applied."""
 
     weight: nn.Parameter
     bias: nn.Parameter | None
@@ -225,48 +274,6 @@ class MaskedLayer:
         return (dtype, id(w), w.data_ptr(), w._version, id(fit_mask), fit_mask._version, id(bias_mask),
                 bias_mask._version, None if b is None else (id(b), b.data_ptr(), b._version),
                 torch.is_inference_mode_enabled())
-
-    def _drop_fit_caches(self) -> None:
-        self._ke_fit = None
-        self._ke_keep = None
-
-    def _apply(self, fn, recurse: bool = True):
-        # .to() / .half() / .cuda(): the cached W*M and masks, and the model's reset plans, belong to the old tensors
-        self._drop_fit_caches()
-        self.__dict__[LAYER_ATTR].drop_caches()
-        return super()._apply(fn, recurse)
-
-    def __getstate__(self) -> dict:
-        # caches and the fit group (weak references) are not part of a layer's state: pickle / deepcopy skip them;
-        # the SplitState is (its settings only), shared with the model and its other layers
-        state = dict(super().__getstate__())
-        state.update(_ke_fit=None, _ke_keep=None, _ke_group=None)
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        if state_of_layer(self) is None:  # pickled before SplitState existed: its seed was a copy on each layer
-            seed = self.__dict__.pop("ke_seed", 0)
-            custom = self.split_mode == "custom"
-            self.__dict__[LAYER_ATTR] = SplitState(self.split_mode, None if custom else self.split_rate, seed)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        # A dense checkpoint (no fit_mask) loads into masked layers and keeps the current mask.
-        key = prefix + "fit_mask"
-        had = key in state_dict
-        if had:
-            try:
-                self._check_words(state_dict[key])
-            except ValueError as exc:
-                error_msgs.append(f"{key}: {exc}")
-                return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        if not had and key in missing_keys:
-            missing_keys.remove(key)
-        self.bias_mask = output_mask(self.fit_mask, self.weight.shape)
-        self._drop_fit_caches()
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, split_mode={self.split_mode}, split_rate={self.split_rate}, "

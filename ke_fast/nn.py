@@ -14,7 +14,7 @@ How fit mode computes W*M (launches are what costs on a GPU: tens of microsecond
 
 * gradients off (evaluation): W*M and the masked bias of every layer are cached on the layer and reused
   until its weight, bias or mask changes (version counter, address, dtype, device) or the compute dtype
-  does; the stale layers of the whole model (the :class:`FitGroup` that ``fit_only`` / ``set_mode`` make)
+  does; the stale layers of the whole model (the :class:`FitGroup` that ``fit_only`` / ``set_mode`` use)
   are refreshed together, in one ``ke_fast::masked_weights`` call per dtype. The first forward pays one
   launch, the next ones none. The cache lives while the layer is in fit mode.
 * gradients on (training): the path :data:`TRAIN_PATH` names for the weight's device type (see there).
@@ -64,7 +64,9 @@ class _Persistence:
     def _apply(self, fn, recurse: bool = True):
         # .to() / .half() / .cuda(): the cached W*M and masks, and the model's reset plans, belong to the old tensors
         self._drop_fit_caches()
-        self.__dict__[LAYER_ATTR].drop_caches()
+        state = state_of_layer(self)
+        if state is not None:
+            state.drop_caches()
         return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict:
@@ -184,7 +186,10 @@ class MaskedLayer(_Persistence):
     @property
     def ke_seed(self) -> int:
         """The seed the layer's model was split with (its :class:`~ke_fast.state.SplitState`'s)."""
-        return self.__dict__[LAYER_ATTR].seed
+        state = state_of_layer(self)
+        if state is None:
+            raise AttributeError(f"{type(self).__name__} has no split state, hence no seed")
+        return state.seed
 
     @property
     def density(self) -> float:

@@ -280,7 +280,7 @@ def _(weights, words, table, tiles, seed, prefix, has_normal):
 class ReinitPlan:
     """Re-draw the reset entries (mask bit 0) of many tensors: validated and laid out once, then
     :meth:`run` per generation — one ``ke_fast::reset_entries_`` call (one kernel launch on a GPU) per
-    dtype, with no per-layer host work. ``ke_fast.reinit_(model, g)`` keeps one plan per model.
+    dtype, with no per-layer host work. ``ke_fast.reinit_(model, g)`` keeps its plan on the model's SplitState.
 
     Args:
         weights: contiguous fp32/fp16/bf16/fp64 tensors on one device (conv/linear weights and biases).

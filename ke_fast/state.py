@@ -121,6 +121,9 @@ class SplitState:
         if entry is not None and entry[1] == key and all(r() is m for r, (_, m) in zip(entry[0], layers)):
             return entry[2]
         obj = build()
+        # entries of layer sets with a layer gone (e.g. replaced) would keep its tensors alive: drop them
+        for dead in [s for s, (refs, _, _) in self._kept.items() if any(r() is None for r in refs)]:
+            del self._kept[dead]
         self._kept[slot] = ([weakref.ref(m) for _, m in layers], key, obj)
         return obj
 

@@ -3,8 +3,10 @@ copies, pickles, ``torch.save``, ``.to()``, ``load_state_dict``, a submodule use
 ``revert``, and checkpoints written before it existed (tests/data, written by ke_fast at ab0367b)."""
 import ast
 import copy
+import gc
 import io
 import pickle
+import weakref
 from pathlib import Path
 
 import pytest
@@ -94,17 +96,22 @@ def test_model_level_operations_read_the_state_instead_of_walking_the_model():
 def test_layer_list_follows_replaced_and_reverted_layers():
     model = ke_fast.split(resnet18(num_classes=10, width=4, stem="small"), "kels", 0.5, seed=2)
     n_all = len(ke_fast.masked_layers(model))
+    ke_fast.reinit_(model, 1)
+    old_fc = weakref.ref(model.fc)
     model.fc = nn.Linear(model.fc.in_features, 10)  # a new dense classifier in place of the masked one
+    gc.collect()  # (split's fx trace of the KELS roles leaves a GraphModule cycle behind)
+    assert old_fc() is None  # nothing of ke_fast keeps a replaced layer alive
     assert "fc" not in dict(ke_fast.masked_layers(model))
     ke_fast.revert(model.layer1)
     names = [n for n, _ in ke_fast.masked_layers(model)]
     assert len(names) == n_all - 1 - 4 and not any(n.startswith("layer1.") for n in names)
     before = _params(model)
-    ke_fast.reinit_(model, 1)  # resets exactly the layers still split
+    ke_fast.reinit_(model, 2)  # resets exactly the layers still split
     after = _params(model)
     for k in before:
         changed = not torch.equal(before[k], after[k])
         assert changed == any(k in (f"{n}.weight", f"{n}.bias") for n in names), k
+    assert len(split_state(model).cached("reset")) == 1  # the plan of the old layer set (its fc gone) is dropped
 
 
 # ---------------------------------------------------------------- copies, pickles, moves, checkpoints

@@ -23,7 +23,8 @@ from . import kernels as K
 from . import ops
 from .masks import check_mode, layer_mask, masked_layers, output_mask
 from .nn import MASKED_OF, FitGroup, MaskedLayer, masked_class
-from .state import LAYER_ATTR, ROOT_ATTR, SplitState, check_tied_masks, layers_and_state, reset_plan, seed_of
+from .state import (LAYER_ATTR, ROOT_ATTR, SplitState, check_tied_masks, layers_and_state, reset_plan, seed_of,
+                    state_of_layer)
 
 _CAT = (torch.cat, torch.concat)
 
@@ -207,8 +208,9 @@ def revert(model: nn.Module) -> nn.Module:
     own attributes that the masked layer shadowed are restored) and drop the split state of ``model`` and
     of every module in it."""
     layers, _ = layers_and_state(model)
+    for st in {id(st): st for st in (state_of_layer(m) for _, m in layers) if st is not None}.values():
+        st.drop_caches()  # its plans and groups hold these layers' tensors
     for _, m in layers:
-        m.__dict__[LAYER_ATTR].drop_caches()
         for attr in _LAYER_ATTRS + _CACHE_ATTRS + (LAYER_ATTR,):
             m.__dict__.pop(attr, None)
         del m._buffers["fit_mask"], m._buffers["bias_mask"]

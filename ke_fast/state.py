@@ -198,9 +198,9 @@ def reset_plan(layers: list[tuple[str, nn.Module]], state: SplitState | None, *,
 
     A Parameter several layers share (tied weights) is listed once, from its first layer's stream, and only if
     they agree on its mask: ValueError naming both otherwise, before anything is written."""
-    weights, words, fans, ids, mask_keys = [], [], [], [], []
+    weights, masks, fans, ids, mask_keys = [], [], [], [], []
     strided: list[tuple[torch.Tensor, torch.Tensor]] = []
-    listed: dict[int, tuple[str, torch.Tensor]] = {}  # id(parameter) -> (first layer holding it, its mask)
+    listed: dict[int, tuple[str, tuple]] = {}  # id(parameter) -> (first layer holding it, its mask)
 
     def data(p: torch.Tensor) -> torch.Tensor:
         # detach() shares the parameter's version counter: the reset shows as an in-place change.
@@ -210,21 +210,19 @@ def reset_plan(layers: list[tuple[str, nn.Module]], state: SplitState | None, *,
         strided.append((p, p.detach().contiguous()))
         return strided[-1][1]
 
-    def add(name: str, p: torch.Tensor, mask: torch.Tensor, fan: tuple[int, int], layer_id: int) -> None:
-        how = whole.get(name)
-        if how is not None:  # a whole tensor kept (all ones) or reset (all zeros); tail bits stay zero
-            mask = K.pack_mask(torch.full((p.numel(),), how == "keep", dtype=torch.bool, device=mask.device))
+    def add(name: str, p: torch.Tensor, words: torch.Tensor, fan: tuple[int, int], layer_id: int) -> None:
+        # a whole tensor kept or reset: its words are made only when a plan is built (see whole_words)
+        mask = (whole[name], p.numel(), words.device) if name in whole else words
         first = listed.setdefault(id(p), (name, mask))
         if first[0] != name:
-            if not torch.equal(first[1], mask):
+            if not _same_mask(first[1], mask):
                 raise ValueError(f"layers {first[0]!r} and {name!r} share a Parameter but hold different fit masks "
                                  f"for it (changed after split?, or different whole= choices); reinit_ would reset "
                                  f"entries one of them keeps")
             return
         weights.append(data(p))
-        words.append(mask)
-        # a whole-tensor mask is new every call but its contents are known: the kept plan stays valid
-        mask_keys.append((how,) if how is not None else (mask.data_ptr(), mask._version))
+        masks.append(mask)
+        mask_keys.append(mask[0] if isinstance(mask, tuple) else (mask.data_ptr(), mask._version))
         fans.append(fan)
         ids.append(layer_id)
 
@@ -233,10 +231,29 @@ def reset_plan(layers: list[tuple[str, nn.Module]], state: SplitState | None, *,
         add(name, m.weight, m.fit_mask, fan, 2 * m.layer_index)
         if m.bias is not None:
             add(name, m.bias, m.bias_mask, fan, 2 * m.layer_index + 1)  # biases get streams of their own
-    key = (seed, init, fan_mode, tuple((w.data_ptr(), *k) for w, k in zip(weights, mask_keys)))
+    key = (seed, init, fan_mode, tuple((w.data_ptr(), k) for w, k in zip(weights, mask_keys)))
 
     def build() -> ops.ReinitPlan:  # validated and laid out once, reused every generation
+        words = [whole_words(*m) if isinstance(m, tuple) else m for m in masks]
         return ops.ReinitPlan(weights, words, seed=seed, fans=fans, layer_ids=ids, init=init, fan_mode=fan_mode)
 
     plan = build() if state is None else state.kept("reset", layers, key, build)
     return plan, strided
+
+
+def whole_words(how: str, numel: int, device: torch.device) -> torch.Tensor:
+    """Packed words of a whole tensor kept (``"keep"``: every bit 1, tail bits 0) or reset (``"reset"``: 0),
+    made by fills on ``device`` (no host-to-device copy)."""
+    words = torch.full((K.num_words(numel),), -1 if how == "keep" else 0, dtype=torch.int32, device=device)
+    if how == "keep" and numel % 32:
+        words[-1] = (1 << (numel % 32)) - 1
+    return words
+
+
+def _same_mask(a: torch.Tensor | tuple, b: torch.Tensor | tuple) -> bool:
+    """Whether two masks of one Parameter (packed words, or a ``whole`` choice as (how, numel, device)) agree."""
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return a[0] == b[0]
+    a, b = (whole_words(*m) if isinstance(m, tuple) else m for m in (a, b))
+    return a is b or torch.equal(a, b)
+

@@ -17,7 +17,8 @@ from torch import nn
 import ke_fast
 from ke_fast import MaskedConv2d, MaskedLinear
 from ke_fast.models import resnet18
-from ke_fast.state import LAYER_ATTR, ROOT_ATTR, SplitState, split_state
+import ke_fast.kernels as K
+from ke_fast.state import LAYER_ATTR, ROOT_ATTR, SplitState, split_state, whole_words
 
 FIXTURE = Path(__file__).parent / "data" / "split_main_ab0367b.pt"
 
@@ -206,6 +207,17 @@ def test_checkpoints_written_before_the_state_existed_load():
         assert all(torch.equal(after[k], v) for k, v in old[f"{mode}_reinit1"].items())  # bit for bit
         ke_fast.revert(pickled)
         assert not ke_fast.masked_layers(pickled)
+
+
+@pytest.mark.parametrize("numel", [1, 5, 31, 32, 33, 95, 100])
+def test_whole_layer_words_are_made_without_a_host_copy_and_equal_packed_masks(numel, monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: calls.append(a))  # a host tensor copied to the device
+    got = {how: whole_words(how, numel, torch.device("cpu")) for how in ("keep", "reset")}
+    assert calls == []
+    monkeypatch.undo()
+    for how, words in got.items():
+        assert torch.equal(words, K.pack_mask(torch.full((numel,), how == "keep", dtype=torch.bool))), how
 
 
 # ---------------------------------------------------------------- submodules, wrappers, revert

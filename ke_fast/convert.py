@@ -23,8 +23,8 @@ from . import kernels as K
 from . import ops
 from .masks import check_mode, layer_mask, masked_layers, output_mask
 from .nn import MASKED_OF, FitGroup, MaskedLayer, masked_class
-from .state import (LAYER_ATTR, ROOT_ATTR, SplitState, check_tied_masks, layers_and_state, reset_plan, seed_of,
-                    state_of_layer)
+from .state import (LAYER_ATTR, ROOT_ATTR, SplitState, check_tied_masks, layers_and_state, layers_changed,
+                    reset_plan, seed_of, state_of_layer)
 
 _CAT = (torch.cat, torch.concat)
 
@@ -218,6 +218,7 @@ def revert(model: nn.Module) -> nn.Module:
         m.__class__ = m.__dict__.pop("_ke_orig_class")
     for m in model.modules():
         m.__dict__.pop(ROOT_ATTR, None)
+    layers_changed()
     return model
 
 

@@ -33,7 +33,7 @@ from torch import nn
 from . import kernels as K
 from . import ops
 from .masks import LAYER_MODES, layer_mask, output_mask
-from .state import LAYER_ATTR, SplitState, state_of_layer
+from .state import LAYER_ATTR, SplitState, layers_changed, state_of_layer
 
 MODES = ("dense", "fit")
 TRAIN_PATHS = ("op", "eager", "batched")
@@ -78,6 +78,7 @@ class _Persistence:
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        layers_changed()  # a copy or a loaded layer: a new masked layer
         if state_of_layer(self) is None:  # pickled before SplitState existed: its seed was a copy on each layer
             seed = self.__dict__.pop("ke_seed", 0)
             custom = self.split_mode == "custom"
@@ -165,6 +166,7 @@ class MaskedLayer(_Persistence):
         self.layer_index = int(layer_index)  # seeds the layer's WELS and reset streams
         self.__dict__[LAYER_ATTR] = state  # the model's seed and caches (see ke_fast.state)
         self.mode = "dense"
+        layers_changed()
         self._check_words(words)
         self.register_buffer("fit_mask", words.to(self.weight.device), persistent=True)
         # derived from fit_mask, so not saved; rebuilt whenever fit_mask changes

@@ -34,6 +34,15 @@ ROOT_ATTR = "_ke_split"  # on the root module: its SplitState
 LAYER_ATTR = "_ke_state"  # on every masked layer: the SplitState it belongs to
 MASKED_MARK = "_ke_masked_layer"  # a class attribute of ke_fast.nn.MaskedLayer: isinstance without importing nn
 T = TypeVar("T")
+# Bumped whenever a module becomes or stops being a masked layer through ke_fast (split, adopt, revert, a layer
+# built, copied or loaded): a kept list of layers is walked again after any such change. A counter, not a cache.
+_layer_changes = 0
+
+
+def layers_changed() -> None:
+    """Note that some module became or stopped being a masked layer (kept layer lists are then re-walked)."""
+    global _layer_changes
+    _layer_changes += 1
 
 
 def is_masked(m: nn.Module) -> bool:
@@ -63,6 +72,7 @@ class SplitState:
     def _clear(self) -> None:
         self._root: weakref.ref | None = None
         self._listed: list[tuple[str, tuple[str, ...], weakref.ref]] | None = None
+        self._listed_at = -1  # _layer_changes when the list was walked
         self._kept: dict[tuple, tuple[list[weakref.ref], Any, Any]] = {}
 
     def __getstate__(self) -> dict:
@@ -86,11 +96,12 @@ class SplitState:
     def layers(self, root: nn.Module) -> list[tuple[str, nn.Module]]:
         """The masked layers of ``root`` (the module this state is the root state of), in ``named_modules``
         order: the list kept from the last call while every layer of it is still a masked layer at its path
-        (a few dict look-ups per layer), else found again by walking the model (e.g. after a layer was replaced
-        or reverted). A masked layer added to the model by assignment after ``split`` is seen once the list is
-        walked again; split the model as a whole instead."""
+        (a few dict look-ups per layer) and no module became or stopped being a masked layer through ke_fast
+        since (split, adopt, revert, a layer built, copied or loaded), else found again by walking the model.
+        Not seen until then: an existing masked layer moved into the model by plain assignment."""
         listed = self._listed
-        if listed is not None and self._root is not None and self._root() is root:
+        if listed is not None and self._listed_at == _layer_changes and self._root is not None \
+                and self._root() is root:
             out = []
             for name, path, ref in listed:
                 m: nn.Module | None = root
@@ -109,6 +120,7 @@ class SplitState:
 
     def _remember(self, root: nn.Module, layers: list[tuple[str, nn.Module]]) -> None:
         self._root = weakref.ref(root)
+        self._listed_at = _layer_changes
         self._listed = [(n, tuple(n.split(".")) if n else (), weakref.ref(m)) for n, m in layers]
 
     def kept(self, kind: str, layers: list[tuple[str, nn.Module]], key: Any, build: Callable[[], T]) -> T:

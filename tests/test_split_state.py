@@ -113,6 +113,11 @@ def test_layer_list_follows_replaced_and_reverted_layers():
         changed = not torch.equal(before[k], after[k])
         assert changed == any(k in (f"{n}.weight", f"{n}.bias") for n in names), k
     assert len(split_state(model).cached("reset")) == 1  # the plan of the old layer set (its fc gone) is dropped
+    ke_fast.split(model.layer1, "wels", 0.3, seed=4)  # split again on its own: listed again
+    inner = [f"layer1.{n}" for n, _ in ke_fast.masked_layers(model.layer1)]
+    assert len(inner) == 4 and [n for n, _ in ke_fast.masked_layers(model)][:5] == ["conv1"] + inner
+    model.extra = copy.deepcopy(model.layer2[0].conv1)  # a copy of a masked layer, assigned
+    assert "extra" in dict(ke_fast.masked_layers(model))
 
 
 # ---------------------------------------------------------------- copies, pickles, moves, checkpoints

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 
@@ -24,10 +23,10 @@ from . import kernels as K
 from . import ops
 from .masks import check_mode, layer_mask, masked_layers, output_mask
 from .nn import MASKED_OF, FitGroup, MaskedLayer, masked_class
+from .state import (LAYER_ATTR, ROOT_ATTR, SplitState, check_tied_masks, layers_and_state, layers_changed,
+                    reset_plan, seed_of, state_of_layer)
 
 _CAT = (torch.cat, torch.concat)
-# reset plans per model (weakly keyed: a plan never outlives its model, and is never deep-copied or pickled)
-_PLANS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -60,6 +59,9 @@ def split(model: nn.Module, mode: str = "kels", split_rate: float = 0.5, *, seed
     nn.MultiheadAttention (which reads its weight without calling it) and layers with a Parameter, buffer,
     submodule or class attribute named like one the masked layer sets. A subclass whose forward ignores
     ``self.weight`` cannot be detected: in fit mode it computes what it computes without the mask.
+
+    The model's :class:`~ke_fast.state.SplitState` (mode, split rate, seed, its layers, reset plans and fit
+    groups) is made here, reachable from the model and from each of its layers (:func:`ke_fast.state.split_state`).
 
     KELS roles, from the torch.fx graph: a layer whose output reaches the model's output without passing
     through another module with a weight matrix (a parameter of 2+ dims, converted or not) produces the
@@ -128,16 +130,20 @@ def split(model: nn.Module, mode: str = "kels", split_rate: float = 0.5, *, seed
         if m.bias is not None:
             _claim(owners, m.bias, name, index, output_mask(words, m.weight.shape), "the outputs its weight keeps")
         plans.append((m, words, index))
+    state = SplitState(mode, split_rate, seed)
     for m, words, index in plans:  # everything validated: now convert, all or nothing
-        _convert(m, words, mode, split_rate, index, seed, masked_class(type(m)))
+        _convert(m, words, mode, split_rate, index, state, masked_class(type(m)))
+    state.attach(model, layers)
     if unsupported:
         warnings.warn(f"ke_fast.split left these layers dense (not split): {'; '.join(unsupported)}. Leave them "
                       f"out with filter_fn to silence this, or pass strict=True to make it an error.", stacklevel=2)
     return model
 
 
-# Instance attributes and buffers every masked layer sets (see MaskedLayer._setup_mask)
+# Instance attributes and buffers every masked layer sets (see MaskedLayer._setup_mask); "ke_seed" is a property
+# of the masked layer (its SplitState's seed), which a plain attribute of that name would be hidden by
 _LAYER_ATTRS = ("split_mode", "split_rate", "layer_index", "mode", "ke_seed")
+_CACHE_ATTRS = ("_ke_fit", "_ke_keep", "_ke_group")  # what fit mode leaves on a layer (see MaskedLayer)
 _LAYER_TENSORS = ("fit_mask", "bias_mask")
 
 
@@ -187,25 +193,32 @@ def _check_shared_with_dense(model: nn.Module, layers: list[tuple[str, nn.Module
                                  f"them, or leave {of[id(p)]!r} out with filter_fn")
 
 
-def _convert(m: nn.Module, words: torch.Tensor, mode: str, split_rate: float, index: int, seed: int,
+def _convert(m: nn.Module, words: torch.Tensor, mode: str, split_rate: float, index: int, state: SplitState,
              cls: type) -> None:
     m._ke_orig_class = type(m)
     shadowed = {a: m.__dict__.pop(a) for a in _LAYER_ATTRS if a in m.__dict__}
     if shadowed:  # e.g. the official KE layers' own split_mode / split_rate: revert puts them back
         m._ke_shadowed = shadowed
     m.__class__ = cls  # this instance only; the class itself is never patched
-    m._setup_mask(words, mode, split_rate, index, seed)
+    m._setup_mask(words, mode, split_rate, index, state)
 
 
 def revert(model: nn.Module) -> nn.Module:
     """Turn every masked layer back into its original class (weights kept, masks dropped; a subclass's
-    own attributes that the masked layer shadowed are restored)."""
-    for _, m in masked_layers(model):
-        for attr in _LAYER_ATTRS:
+    own attributes that the masked layer shadowed are restored) and drop the split state of ``model`` and
+    of every module in it."""
+    layers, _ = layers_and_state(model)
+    for st in {id(st): st for st in (state_of_layer(m) for _, m in layers) if st is not None}.values():
+        st.drop_caches()  # its plans and groups hold these layers' tensors
+    for _, m in layers:
+        for attr in _LAYER_ATTRS + _CACHE_ATTRS + (LAYER_ATTR,):
             m.__dict__.pop(attr, None)
         del m._buffers["fit_mask"], m._buffers["bias_mask"]
         m.__dict__.update(m.__dict__.pop("_ke_shadowed", {}))
         m.__class__ = m.__dict__.pop("_ke_orig_class")
+    for m in model.modules():
+        m.__dict__.pop(ROOT_ATTR, None)
+    layers_changed()
     return model
 
 
@@ -215,7 +228,10 @@ def adopt(model: nn.Module, attr: str = "mask", *, seed: int = 0) -> nn.Module:
     ``attr="mask"``: the official KE layers' float ``mask`` Parameter (1 = fit), which is then removed
     (1 bit per weight instead of 32). ``attr="weight_mask"``: torch.nn.utils.prune; the pruning
     re-parametrisation is removed and ``weight`` holds ``weight_orig`` (the dense values), masked by
-    the fit mask in fit mode. Raises, with the model unchanged, when a mask has the wrong shape or
+    the fit mask in fit mode; a pruned subclass of a torch layer keeps its own forward (as :func:`split`
+    does). With any other ``attr`` the layer's forward, which applied the foreign mask, is replaced by
+    the torch class's. ``seed`` becomes the seed of the model's :class:`~ke_fast.state.SplitState` (later
+    resets draw from it). Raises, with the model unchanged, when a mask has the wrong shape or
     values other than 0/1, or when no layer carries ``attr``.
     """
     K.rng.check_seed(seed)
@@ -234,17 +250,21 @@ def adopt(model: nn.Module, attr: str = "mask", *, seed: int = 0) -> nn.Module:
         found.append((name, m, K.pack_mask(mask.detach())))
     if not found:
         raise ValueError(f"no conv/linear layer of the model has a tensor attribute {attr!r}")
+    state = SplitState("custom", None, seed)
     for index, (name, m, words) in enumerate(found):
         if attr == "weight_mask":
             dense = m.weight_orig.detach().clone()
             torch.nn.utils.prune.remove(m, "weight")
             with torch.no_grad():
                 m.weight.copy_(dense)
+            # pruning only wrapped the weight (a forward pre-hook, now removed): the class's own forward stays
+            cls = masked_class(type(m))
         else:
             delattr(m, attr)
-        # the torch class's forward replaces the one that applied the foreign mask
-        base = next(b for b in MASKED_OF if isinstance(m, b))
-        _convert(m, words, "custom", max(K.density(words, m.weight.numel()), 1e-12), index, seed, MASKED_OF[base])
+            # the torch class's forward replaces the one that applied the foreign mask
+            cls = MASKED_OF[next(b for b in MASKED_OF if isinstance(m, b))]
+        _convert(m, words, "custom", max(K.density(words, m.weight.numel()), 1e-12), index, state, cls)
+    state.attach(model, [(name, m) for name, m, _ in found])
     return model
 
 
@@ -265,8 +285,12 @@ def reinit_(model: nn.Module, generation: int, *, init: str = "kaiming_uniform_a
     ``whole`` maps layer names to ``"keep"`` (weight and bias kept entirely) or ``"reset"`` (both re-drawn
     entirely) for this call, in place of their fit masks; layers it does not name follow their fit masks.
     It is how layer-threshold forgetting (:mod:`ke_fast.variants`) resets whole layers in the same single
-    launch per dtype. ``ignore_mask=True`` is the same as ``"reset"`` for every layer."""
-    layers = masked_layers(model)
+    launch per dtype. ``ignore_mask=True`` is the same as ``"reset"`` for every layer.
+
+    The plan (a :class:`~ke_fast.ops.ReinitPlan` and its launch tables) is kept by the model's
+    :class:`~ke_fast.state.SplitState` and reused while the layers' tensors, masks and these arguments stay the
+    same: a CUDA graph that captured this call replays correctly while they do."""
+    layers, state = layers_and_state(model)
     if not layers:
         raise ValueError("model has no masked layer: call ke_fast.split(model) first")
     whole = _check_whole(layers, whole)
@@ -275,52 +299,10 @@ def reinit_(model: nn.Module, generation: int, *, init: str = "kaiming_uniform_a
             raise ValueError("reinit_: pass ignore_mask=True (reset everything) or whole, not both")
         whole = {name: "reset" for name, _ in layers}
     if seed is None:
-        seed = layers[0][1].ke_seed
-    weights, words, fans, ids, mask_keys = [], [], [], [], []
-    strided: list[tuple[torch.Tensor, torch.Tensor]] = []  # (parameter, contiguous working copy)
-    listed: dict[int, tuple[str, torch.Tensor]] = {}  # id(parameter) -> (first layer holding it, its mask)
-
-    def data(p: torch.Tensor) -> torch.Tensor:
-        # detach() shares the parameter's version counter: the reset shows as an in-place change.
-        # Masks follow the row-major order: e.g. a channels_last weight is reset in a contiguous copy.
-        if p.is_contiguous():
-            return p.detach()
-        strided.append((p, p.detach().contiguous()))
-        return strided[-1][1]
-
-    def add(name: str, p: torch.Tensor, mask: torch.Tensor, fan: tuple[int, int], layer_id: int) -> None:
-        # a Parameter shared by several layers (tied weights) is reset once, and only if they agree on its
-        # mask: resetting it per layer would overwrite entries another layer keeps as fit
-        how = whole.get(name)
-        if how is not None:  # a whole tensor kept (all ones) or reset (all zeros); tail bits stay zero
-            mask = K.pack_mask(torch.full((p.numel(),), how == "keep", dtype=torch.bool, device=mask.device))
-        first = listed.setdefault(id(p), (name, mask))
-        if first[0] != name:
-            if not torch.equal(first[1], mask):
-                raise ValueError(f"layers {first[0]!r} and {name!r} share a Parameter but hold different fit masks "
-                                 f"for it (changed after split?, or different whole= choices); reinit_ would reset "
-                                 f"entries one of them keeps")
-            return
-        weights.append(data(p))
-        words.append(mask)
-        # a whole-tensor mask is new every call but its contents are known: the cached plan stays valid
-        mask_keys.append((how,) if how is not None else (mask.data_ptr(), mask._version))
-        fans.append(fan)
-        ids.append(layer_id)
-
-    for name, m in layers:
-        fan = K.fans_of(m.weight.shape)
-        add(name, m.weight, m.fit_mask, fan, 2 * m.layer_index)
-        if m.bias is not None:
-            add(name, m.bias, m.bias_mask, fan, 2 * m.layer_index + 1)  # biases get streams of their own
-    key = (seed, init, fan_mode, tuple((w.data_ptr(), *k) for w, k in zip(weights, mask_keys)))
-    cached = _PLANS.get(model)
-    if cached is None or cached[0] != key:  # validated and laid out once, reused every generation
-        cached = (key, ops.ReinitPlan(weights, words, seed=seed, fans=fans, layer_ids=ids, init=init,
-                                      fan_mode=fan_mode))
-        _PLANS[model] = cached
+        seed = seed_of(layers)
+    plan, strided = reset_plan(layers, state, seed=seed, init=init, fan_mode=fan_mode, whole=whole)
     with torch.no_grad():
-        cached[1].run(generation, purpose)
+        plan.run(generation, purpose)
         for p, work in strided:
             p.detach().copy_(work)
     return model
@@ -375,13 +357,25 @@ def _check_whole(layers: list[tuple[str, nn.Module]], whole: Mapping[str, str] |
 
 
 def set_mode(model: nn.Module, mode: str) -> None:
-    """Switch every masked layer to ``"dense"`` or ``"fit"``."""
-    layers = masked_layers(model)
+    """Switch every masked layer to ``"dense"`` or ``"fit"`` (layers sharing a Parameter must still agree on
+    its mask for ``"fit"``: ValueError naming them otherwise)."""
+    layers, state = layers_and_state(model)
     if not layers:
         raise ValueError("model has no masked layer: call ke_fast.split(model) first")
-    group = FitGroup([m for _, m in layers]) if mode == "fit" else None
+    group = _fit_group(layers, state) if mode == "fit" else None
     for _, m in layers:
         m.set_mode(mode, group)
+
+
+_TIED = "in fit mode each layer would compute with its own fit hypothesis of the one weight"
+
+
+def _fit_group(layers: list[tuple[str, nn.Module]], state: SplitState | None) -> FitGroup:
+    """The FitGroup of these layers (kept by their SplitState, with its launch tables), after checking that
+    layers sharing a Parameter still hold one mask for it."""
+    check_tied_masks(layers, _TIED)
+    make = lambda: FitGroup([m for _, m in layers])  # noqa: E731
+    return make() if state is None else state.kept("fit", layers, None, make)
 
 
 @contextlib.contextmanager
@@ -389,16 +383,22 @@ def fit_only(model: nn.Module) -> Iterator[nn.Module]:
     """Context manager: every masked layer computes with its fit hypothesis alone, restored on exit
     (also on exception).
 
-    The layers form one :class:`~ke_fast.nn.FitGroup`: with gradients off, the first forward computes every
-    layer's W*M in one ``ke_fast::masked_weights`` call per dtype and later forwards reuse them until a
-    weight, bias or mask changes. Layers that return to dense mode on exit drop them."""
-    layers = masked_layers(model)
+    The layers form one :class:`~ke_fast.nn.FitGroup` (kept by the model's :class:`~ke_fast.state.SplitState`):
+    with gradients off, the first forward computes every layer's W*M in one ``ke_fast::masked_weights`` call
+    per dtype and later forwards reuse them until a weight, bias or mask changes. Layers that return to dense
+    mode on exit drop them. Layers sharing a Parameter (tied weights) must still hold one mask for it:
+    ValueError naming both otherwise, before any layer changes mode."""
+    layers, state = layers_and_state(model)
     if not layers:
         raise ValueError("model has no masked layer: call ke_fast.split(model) first")
     before = [(m.mode, m._ke_group) for _, m in layers]
     groups = {id(g) for _, g in before}
     # a model already in fit mode through one set_mode / fit_only keeps its group (and its cached W*M)
-    group = before[0][1] if len(groups) == 1 and before[0][1] is not None else FitGroup([m for _, m in layers])
+    if len(groups) == 1 and before[0][1] is not None:
+        check_tied_masks(layers, _TIED)
+        group = before[0][1]
+    else:
+        group = _fit_group(layers, state)
     try:
         for _, m in layers:
             m.set_mode("fit", group)

@@ -1,4 +1,7 @@
-"""KE split rules (KELS / WELS), the seed and stream of every layer, and mask introspection."""
+"""KE split rules (KELS / WELS), the seed and stream of every layer, and mask introspection.
+
+Imports flow one way: ``nn`` (the masked layers) uses these rules; the introspection reads a model's
+:class:`~ke_fast.state.SplitState` (below this module), never ``nn``."""
 from __future__ import annotations
 
 import math
@@ -9,6 +12,7 @@ from torch import nn
 
 from . import kernels as K
 from . import ops
+from .state import layers_and_state
 
 SPLIT_MODES = ("kels", "wels")
 LAYER_MODES = SPLIT_MODES + ("custom",)  # "custom": a mask adopted from other code
@@ -70,14 +74,10 @@ def output_mask(words: torch.Tensor, weight_shape: torch.Size) -> torch.Tensor:
 
 def masks(model: nn.Module) -> dict[str, torch.Tensor]:
     """{qualified name: bool fit mask of the weight's shape} for every masked layer of ``model``."""
-    from .nn import MaskedLayer
-
-    return {name: K.unpack_mask(m.fit_mask, m.weight.shape) for name, m in model.named_modules()
-            if isinstance(m, MaskedLayer)}
+    return {name: K.unpack_mask(m.fit_mask, m.weight.shape) for name, m in masked_layers(model)}
 
 
 def masked_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, layer) of every masked layer, in ``named_modules`` order."""
-    from .nn import MaskedLayer
-
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, MaskedLayer)]
+    """(name, layer) of every masked layer, in ``named_modules`` order (for a split model's root, the list its
+    :class:`~ke_fast.state.SplitState` keeps)."""
+    return layers_and_state(model)[0]

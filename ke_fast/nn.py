@@ -14,7 +14,7 @@ How fit mode computes W*M (launches are what costs on a GPU: tens of microsecond
 
 * gradients off (evaluation): W*M and the masked bias of every layer are cached on the layer and reused
   until its weight, bias or mask changes (version counter, address, dtype, device) or the compute dtype
-  does; the stale layers of the whole model (the :class:`FitGroup` that ``fit_only`` / ``set_mode`` make)
+  does; the stale layers of the whole model (the :class:`FitGroup` that ``fit_only`` / ``set_mode`` use)
   are refreshed together, in one ``ke_fast::masked_weights`` call per dtype. The first forward pays one
   launch, the next ones none. The cache lives while the layer is in fit mode.
 * gradients on (training): the path :data:`TRAIN_PATH` names for the weight's device type (see there).
@@ -33,6 +33,7 @@ from torch import nn
 from . import kernels as K
 from . import ops
 from .masks import LAYER_MODES, layer_mask, output_mask
+from .state import LAYER_ATTR, SplitState, layers_changed, state_of_layer
 
 MODES = ("dense", "fit")
 TRAIN_PATHS = ("op", "eager", "batched")
@@ -51,9 +52,61 @@ TRAIN_PATHS = ("op", "eager", "batched")
 TRAIN_PATH: dict[str, str] = {"cuda": "eager", "cpu": "eager"}
 
 
-class MaskedLayer:
+class _Persistence:
+    """What a masked layer keeps and drops across moves (``.to()``), copies, pickles and checkpoints: its
+    caches never travel, its SplitState does (settings only), a dense checkpoint loads and keeps the mask.
+    A base of :class:`MaskedLayer`, so it comes before the torch class in every masked class's MRO."""
+
+    def _drop_fit_caches(self) -> None:
+        self._ke_fit = None
+        self._ke_keep = None
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to() / .half() / .cuda(): the cached W*M and masks, and the model's reset plans, belong to the old tensors
+        self._drop_fit_caches()
+        state = state_of_layer(self)
+        if state is not None:
+            state.drop_caches()
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:
+        # caches and the fit group (weak references) are not part of a layer's state: pickle / deepcopy skip them;
+        # the SplitState is (its settings only), shared with the model and its other layers
+        state = dict(super().__getstate__())
+        state.update(_ke_fit=None, _ke_keep=None, _ke_group=None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        layers_changed()  # a copy or a loaded layer: a new masked layer
+        if state_of_layer(self) is None:  # pickled before SplitState existed: its seed was a copy on each layer
+            seed = self.__dict__.pop("ke_seed", 0)
+            custom = self.split_mode == "custom"
+            self.__dict__[LAYER_ATTR] = SplitState(self.split_mode, None if custom else self.split_rate, seed)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A dense checkpoint (no fit_mask) loads into masked layers and keeps the current mask.
+        key = prefix + "fit_mask"
+        had = key in state_dict
+        if had:
+            try:
+                self._check_words(state_dict[key])
+            except ValueError as exc:
+                error_msgs.append(f"{key}: {exc}")
+                return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if not had and key in missing_keys:
+            missing_keys.remove(key)
+        self.bias_mask = output_mask(self.fit_mask, self.weight.shape)
+        self._drop_fit_caches()
+
+
+class MaskedLayer(_Persistence):
     """Mixin of the masked layers (placed before the torch class): constructor keywords, mask buffers,
-    mode, state-dict rules and the forward; subclasses only say how W and b are applied."""
+    mode and the forward (state-dict and copy rules: :class:`_Persistence`); subclasses only say how W and b
+    are applied."""
 
     weight: nn.Parameter
     bias: nn.Parameter | None
@@ -63,6 +116,7 @@ class MaskedLayer:
     _ke_group: FitGroup | None = None  # the layers whose W*M are refreshed with this one's (fit mode only)
     _ke_fit: tuple | None = None  # (state, W*M, b*M_out, refresh) cached by the FitGroup
     _ke_keep: tuple | None = None  # (key, bool M, bool M_out) of the "eager" training path
+    _ke_masked_layer = True  # state.MASKED_MARK: how the rooms below nn recognise a masked layer
 
     def __init__(self, *args: Any, split_mode: str = "kels", split_rate: float = 0.5, seed: int = 0,
                  layer_index: int = 0, keep_all_inputs: bool = False, keep_all_outputs: bool = False,
@@ -71,7 +125,10 @@ class MaskedLayer:
         words = layer_mask(self.weight.shape, split_mode, split_rate, seed=seed, layer_index=layer_index,
                            keep_all_inputs=keep_all_inputs, keep_all_outputs=keep_all_outputs,
                            device=self.weight.device)
-        self._setup_mask(words, split_mode, split_rate, layer_index, seed)
+        # a layer built directly is a split model of its own: its root and its only layer
+        state = SplitState(split_mode, split_rate, seed)
+        self._setup_mask(words, split_mode, split_rate, layer_index, state)
+        state.attach(self, [("", self)])
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.mode == "dense":
@@ -101,14 +158,15 @@ class MaskedLayer:
         raise NotImplementedError
 
     def _setup_mask(self, words: torch.Tensor, split_mode: str, split_rate: float, layer_index: int,
-                    seed: int = 0) -> None:
+                    state: SplitState) -> None:
         if split_mode not in LAYER_MODES:
             raise ValueError(f"split_mode must be one of {LAYER_MODES}, got {split_mode!r}")
-        self.split_mode = split_mode
+        self.split_mode = split_mode  # this layer's mask: for an adopted mask, "custom" and its density
         self.split_rate = K.check_split_rate(split_rate)
-        self.layer_index = int(layer_index)
-        self.ke_seed = K.rng.check_seed(seed)  # the run seed: later resets draw from it
+        self.layer_index = int(layer_index)  # seeds the layer's WELS and reset streams
+        self.__dict__[LAYER_ATTR] = state  # the model's seed and caches (see ke_fast.state)
         self.mode = "dense"
+        layers_changed()
         self._check_words(words)
         self.register_buffer("fit_mask", words.to(self.weight.device), persistent=True)
         # derived from fit_mask, so not saved; rebuilt whenever fit_mask changes
@@ -126,6 +184,14 @@ class MaskedLayer:
         self.fit_mask = words.to(self.fit_mask.device)
         self.bias_mask = output_mask(self.fit_mask, self.weight.shape)
         self._drop_fit_caches()
+
+    @property
+    def ke_seed(self) -> int:
+        """The seed the layer's model was split with (its :class:`~ke_fast.state.SplitState`'s)."""
+        state = state_of_layer(self)
+        if state is None:
+            raise AttributeError(f"{type(self).__name__} has no split state, hence no seed")
+        return state.seed
 
     @property
     def density(self) -> float:
@@ -216,39 +282,6 @@ class MaskedLayer:
                 bias_mask._version, None if b is None else (id(b), b.data_ptr(), b._version),
                 torch.is_inference_mode_enabled())
 
-    def _drop_fit_caches(self) -> None:
-        self._ke_fit = None
-        self._ke_keep = None
-
-    def _apply(self, fn, recurse: bool = True):
-        # .to() / .half() / .cuda(): the cached W*M and masks belong to the old tensors
-        self._drop_fit_caches()
-        return super()._apply(fn, recurse)
-
-    def __getstate__(self) -> dict:
-        # caches and the fit group (weak references) are not part of a layer's state: pickle / deepcopy skip them
-        state = dict(super().__getstate__())
-        state.update(_ke_fit=None, _ke_keep=None, _ke_group=None)
-        return state
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        # A dense checkpoint (no fit_mask) loads into masked layers and keeps the current mask.
-        key = prefix + "fit_mask"
-        had = key in state_dict
-        if had:
-            try:
-                self._check_words(state_dict[key])
-            except ValueError as exc:
-                error_msgs.append(f"{key}: {exc}")
-                return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        if not had and key in missing_keys:
-            missing_keys.remove(key)
-        self.bias_mask = output_mask(self.fit_mask, self.weight.shape)
-        self._drop_fit_caches()
-
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, split_mode={self.split_mode}, split_rate={self.split_rate}, "
                 f"mode={self.mode}, density={self.density:.3f}")
@@ -264,11 +297,14 @@ class FitGroup:
     with autograd; a layer reuses its value until the backward reaches that refresh (then the values
     are spent: the next forward computes new ones) or its state changes.
 
-    ``ke_fast.fit_only(model)`` and ``ke_fast.set_mode(model, "fit")`` make one per model. Holds its layers
-    weakly."""
+    ``ke_fast.fit_only(model)`` and ``ke_fast.set_mode(model, "fit")`` use one per set of layers, kept by the
+    model's :class:`~ke_fast.state.SplitState`. Holds its layers weakly, and owns the launch tables of its
+    ``masked_weights`` calls (one per device and set of sizes): they live as long as the group, so a CUDA graph
+    that captured a refresh keeps reading valid tables."""
 
     def __init__(self, layers: list[MaskedLayer]) -> None:
         self._layers = [weakref.ref(m) for m in layers]
+        self._tables: dict = {}  # ops.masked_weights' launch tables, owned here
         self._refreshes = 0  # counts refreshes with gradients; the spent ones are below _live
         self._live = 0
 
@@ -307,7 +343,8 @@ class FitGroup:
                 jobs.setdefault((m.bias.dtype, st[0]), []).append((i, 1, m.bias, m.bias_mask))
         out: list[list] = [[None, None] for _ in todo]
         for (_, dtype), items in jobs.items():
-            results = ops.masked_weights([t for _, _, t, _ in items], [w for _, _, _, w in items], dtype)
+            results = ops.masked_weights([t for _, _, t, _ in items], [w for _, _, _, w in items], dtype,
+                                         tables=self._tables)
             for (i, slot, _, _), r in zip(items, results):
                 out[i][slot] = r
             tracked = next((r for r in results if r.requires_grad), None) if grad else None

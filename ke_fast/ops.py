@@ -186,19 +186,19 @@ def _masks_backward(ctx, grad):
 
 _masks_op.register_autograd(_masks_backward, setup_context=_masks_setup)
 
-# (table, tiles) of the multi-tensor masked weight per (device, tile size, sizes): built and copied to the device
-# once per set of layers (and then filled with their addresses once per address set, on the table itself)
-_MASK_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-_MAX_MASK_TABLES = 16
-
-
 def masked_weights(weights: Sequence[torch.Tensor], words: Sequence[torch.Tensor],
-                   dtype: Optional[torch.dtype] = None) -> list[torch.Tensor]:
+                   dtype: Optional[torch.dtype] = None, *, tables: dict | None = None) -> list[torch.Tensor]:
     """``[(w * M).to(dtype) for w in weights]`` in one ``ke_fast::masked_weights`` call: one kernel launch on a
     GPU for all the tensors (C++ / the reference run them one by one on a CPU). ``weights`` share one dtype
     and device; ``words[i]`` are the packed mask words of ``weights[i]``; ``dtype`` defaults to the weights'.
     The results are views of one flat tensor, in the weights' shapes (row-major). Differentiable: each
-    weight's gradient is ``grad * M`` (in one launch for all)."""
+    weight's gradient is ``grad * M`` (in one launch for all).
+
+    ``tables``: a dict the caller owns (e.g. its :class:`~ke_fast.nn.FitGroup`'s) that keeps the launch table of
+    these sizes (and its per-layout copies, :func:`ke_fast.kernels.reinit.addressed`) for later calls: it lives as
+    long as its owner, so a CUDA graph that captured the call keeps valid tables. None builds one for this call
+    (a host-to-device copy). Building one while the current CUDA stream captures a graph raises RuntimeError:
+    make the same call once before the capture."""
     if isinstance(weights, torch.Tensor) or isinstance(words, torch.Tensor):
         raise TypeError("weights and words must be lists of tensors")
     weights, words = list(weights), list(words)
@@ -211,12 +211,13 @@ def masked_weights(weights: Sequence[torch.Tensor], words: Sequence[torch.Tensor
     if kept:
         xs = [weights[i].contiguous() for i in kept]
         key = (xs[0].device, masked.block_size(), tuple(x.numel() for x in xs))
-        tables = _MASK_TABLES.get(key)
-        if tables is None:
-            if len(_MASK_TABLES) >= _MAX_MASK_TABLES:
-                _MASK_TABLES.pop(next(iter(_MASK_TABLES)))
-            tables = _MASK_TABLES[key] = masked.masks_table(key[2], key[0])
-        flat = torch.ops.ke_fast.masked_weights.default(xs, [words[i].contiguous() for i in kept], *tables, dtype)
+        table = None if tables is None else tables.get(key)
+        if table is None:
+            _reinit.refuse_in_capture(key[0], "ke_fast.ops.masked_weights: building the launch table of these sizes")
+            table = masked.masks_table(key[2], key[0])
+            if tables is not None:
+                tables[key] = table
+        flat = torch.ops.ke_fast.masked_weights.default(xs, [words[i].contiguous() for i in kept], *table, dtype)
         for i, part in zip(kept, flat.split(key[2])):
             outs[i] = part.view(weights[i].shape)
     return outs
@@ -279,15 +280,14 @@ def _(weights, words, table, tiles, seed, prefix, has_normal):
 class ReinitPlan:
     """Re-draw the reset entries (mask bit 0) of many tensors: validated and laid out once, then
     :meth:`run` per generation — one ``ke_fast::reset_entries_`` call (one kernel launch on a GPU) per
-    dtype, with no per-layer host work. ``ke_fast.reinit_(model, g)`` keeps one plan per model.
+    dtype, with no per-layer host work. ``ke_fast.reinit_(model, g)`` keeps its plan on the model's SplitState.
 
     Args:
         weights: contiguous fp32/fp16/bf16/fp64 tensors on one device (conv/linear weights and biases).
         masks: one per weight: packed int32 words (``ceil(numel/32)``) or a bool/uint8/float 0-1 tensor
             of the weight's shape (e.g. the official KE code's float ``mask``). 1 = fit (kept). Dense masks
             are validated and packed once per mask tensor and version (a cache keyed weakly on the tensor),
-            so building a plan every generation from the same masks (the one-shot use) skips that work;
-            the launch tables are likewise cached per set of sizes.
+            so building a plan every generation from the same masks (the one-shot use) skips that work.
         seed: the run's seed (Philox key), an int in [0, 2^64).
         init: reset scheme, one of ``kernels.SCHEMES``; default the official KE reset U(+-1/sqrt(fan_in)).
         fans: per weight ``(fan_in, fan_out)`` or None to derive it from the shape (required for 1-D
@@ -297,12 +297,20 @@ class ReinitPlan:
         fan_mode: ``fan_in`` or ``fan_out`` for the kaiming schemes.
     Raises TypeError / ValueError naming the argument before anything is written. The plan keeps
     references to ``weights``: rebuild it if their storage changes (e.g. after ``model.to(...)``).
+
+    The plan owns its launch tables (one per dtype, copied to the weights' device once, here): they live as
+    long as the plan, so :meth:`run` can be captured in a CUDA graph and replayed while the plan is alive.
+    Building a plan while the current CUDA stream captures a graph raises RuntimeError (it copies from host
+    memory): build it before the capture.
     """
 
     def __init__(self, weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], *, seed: int,
                  init: str = "kaiming_uniform_a_sqrt5", fans: Sequence[tuple[int, int] | None] | None = None,
                  layer_ids: Sequence[int] | None = None, fan_mode: str = "fan_in") -> None:
         self.seed = check_seed(seed)
+        first = next(iter(weights), None) if isinstance(weights, Sequence) else None
+        if isinstance(first, torch.Tensor):  # before the validation, which reads mask values back (a sync)
+            _reinit.refuse_in_capture(first.device, "building a ke_fast.ReinitPlan")
         jobs = _reinit.prepare(weights, masks, init, fans, layer_ids, fan_mode)
         self.weights = list(weights)
         self._launches = [_reinit.launch_table(group) for group in _reinit.dtype_groups(jobs)]

@@ -142,24 +142,44 @@ def reset_entries_(weights: list[torch.Tensor], words: list[torch.Tensor], table
 # on the table object, per layout (the addresses relative to the lowest ones, and the element size): repeated
 # launches on the same tensors, or on tensors laid out alike (e.g. the gradients of the multi-tensor masked
 # weight, consecutive views of one new buffer every step), do no host work beyond reading their addresses.
-_MAX_ADDRESS_SETS = 8
+# A kept layout lives as long as its table (a captured CUDA graph may read it): none is ever evicted; past
+# MAX_ADDRESS_SETS layouts per table, a new one is filled for its call only.
+MAX_ADDRESS_SETS = 8
+
+
+def capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (False where CUDA is absent)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def refuse_in_capture(device: torch.device, what: str) -> None:
+    """RuntimeError if a launch table for ``device`` would be built while the current CUDA stream captures a
+    graph: building one copies from pageable host memory, which a graph cannot replay (nor may a capture
+    sync). Launch tables are kept by the object that uses them (a ReinitPlan, a FitGroup), so the same call
+    made once before the capture builds them and the captured call only reads them."""
+    if device.type == "cuda" and capturing():
+        raise RuntimeError(f"{what} while the current CUDA stream is capturing a graph: building it copies from "
+                           f"host memory, which a graph cannot replay. Make the same call once before the capture "
+                           f"(the table is then kept by the plan / fit group that uses it)")
 
 
 def addressed(table: torch.Tensor, weights: list[torch.Tensor], w_ptrs: list[int], words: list[torch.Tensor],
               m_ptrs: list[int]) -> torch.Tensor:
     """``table`` with columns 0 and 1 set to every tensor's element offset from the lowest-addressed weight
-    / mask words (``w_ptrs`` / ``m_ptrs``: their data pointers); cached on the table per layout."""
+    / mask words (``w_ptrs`` / ``m_ptrs``: their data pointers); kept on the table per layout (the first
+    :data:`MAX_ADDRESS_SETS` layouts, for the table's life). A new layout while a CUDA graph is being captured
+    raises RuntimeError (:func:`refuse_in_capture`)."""
     w_low, m_low = min(w_ptrs), min(m_ptrs)
     key = (weights[0].element_size(), *(p - w_low for p in w_ptrs), *(p - m_low for p in m_ptrs))
     per_table = table.__dict__.setdefault("_ke_addressed", {})
     filled = per_table.get(key)
     if filled is None:
+        refuse_in_capture(table.device, "filling a launch table for a new layout of its tensors")
         offs = torch.tensor([_base_offsets(weights, w_ptrs), _base_offsets(words, m_ptrs)], dtype=torch.int64).t()
         filled = table.clone()
         filled[:, :2] = offs.to(table.device)
-        if len(per_table) >= _MAX_ADDRESS_SETS:
-            per_table.clear()
-        per_table[key] = filled
+        if len(per_table) < MAX_ADDRESS_SETS:
+            per_table[key] = filled
     return filled
 
 
@@ -272,29 +292,20 @@ def _base_offsets(tensors: list[torch.Tensor], ptrs: list[int]) -> list[int]:
 
 
 def launch_table(group: list[_Job]) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor, bool]:
-    """(weights, words, table, tiles, has_normal) of one dtype group: the arguments of a reset, built once.
+    """(weights, words, table, tiles, has_normal) of one dtype group: the arguments of a reset, built anew
+    (one host-to-device copy) for its caller to keep: a :class:`ke_fast.ReinitPlan` owns its tables, so they
+    live exactly as long as the plan. Raises RuntimeError while a CUDA graph is being captured.
 
     table: int64 [T, 8] on the weights' device, one row per tensor in list order: (0, 0, numel, layer id,
     kind, fp32 bits of the scale, first tile, 0) — see :func:`.reference.table_rows`; the Triton launcher
     fills the first two columns (the element offsets of the weight and of its words from the lowest-
     addressed ones) from the tensors it is given. tiles: int32 [n_tiles], the row of each tile of the
     Triton launch."""
-    key = (group[0].weight.device, tile_groups(), tuple((j.weight.numel(), j.layer, j.kind, j.scale) for j in group))
-    cached = _TABLES.pop(key, None)
-    if cached is None:
-        cached = _new_table(key)
-    elif len(_TABLES) >= _MAX_TABLES:
-        _TABLES.pop(next(iter(_TABLES)))
-    _TABLES[key] = cached  # most recently used last
-    table, tiles, has_normal = cached
+    device = group[0].weight.device
+    refuse_in_capture(device, "building a reset launch table")
+    key = (device, tile_groups(), tuple((j.weight.numel(), j.layer, j.kind, j.scale) for j in group))
+    table, tiles, has_normal = _new_table(key)
     return [j.weight for j in group], [j.words for j in group], table, tiles, has_normal
-
-
-# Launch tables per (device, tile size, rows): a one-shot reset of the same layers (a new ReinitPlan every
-# generation) finds its table here, with the offsets already filled for its tensors' addresses (:func:`addressed`),
-# and does not copy it to the device again. A table holds no reference to any tensor of the reset.
-_MAX_TABLES = 16
-_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor, bool]] = {}
 
 
 def _new_table(key: tuple) -> tuple[torch.Tensor, torch.Tensor, bool]:

@@ -15,6 +15,7 @@ import ke_fast
 import ke_fast.kernels as K
 from ke_fast import MaskedConv2d, MaskedLayer, MaskedLinear
 from ke_fast.models import MLP, DenseNetTiny, resnet18, resnet50
+from ke_fast.state import split_state
 
 from conftest import PAIRS
 
@@ -335,6 +336,38 @@ def test_adopt_torch_prune_mask():
         assert not torch.allclose(model(x), pruned)  # dense mode uses weight_orig
 
 
+class _ScaledConv(nn.Conv2d):
+    """A user subclass with a forward of its own (it does more than the torch layer's)."""
+
+    def forward(self, x):
+        return 2.0 * super().forward(x) + 1.0
+
+
+def test_adopt_pruned_subclass_keeps_its_own_forward():
+    torch.manual_seed(0)
+    model = nn.Sequential(_ScaledConv(3, 5, 3), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 5 * 5, 2))
+    prune.random_unstructured(model[0], "weight", amount=0.5)
+    x = torch.randn(2, 3, 7, 7, generator=torch.Generator().manual_seed(0))
+    dense_values = model[0].weight_orig.detach().clone()
+    unpruned = nn.Sequential(_ScaledConv(3, 5, 3), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 5 * 5, 2))
+    with torch.no_grad():
+        pruned = model(x)  # the subclass's forward on W*M
+        unpruned[0].weight.copy_(dense_values)
+        unpruned[0].bias.copy_(model[0].bias)
+        unpruned[3].load_state_dict(model[3].state_dict())
+        dense = unpruned(x)  # the subclass's forward on W
+    ke_fast.adopt(model, attr="weight_mask", seed=4)
+    assert isinstance(model[0], _ScaledConv) and isinstance(model[0], MaskedConv2d)
+    assert type(model[0]) is ke_fast.nn.masked_class(_ScaledConv) and model[0].ke_seed == 4
+    with torch.no_grad(), ke_fast.fit_only(model):
+        torch.testing.assert_close(model(x), pruned)  # fit mode: the subclass's forward on W*M
+    with torch.no_grad():
+        assert torch.equal(model(x), dense)  # dense mode: the subclass's forward on the dense values
+    assert torch.equal(model[0].weight, dense_values)
+    ke_fast.revert(model)
+    assert type(model[0]) is _ScaledConv
+
+
 def test_adopt_wrong_shape_raises_and_changes_nothing():
     torch.manual_seed(0)
     model = nn.Sequential(OfficialKEConv(3, 6, 3, bias=False), nn.ReLU(), OfficialKEConv(6, 5, 3, bias=False))
@@ -542,9 +575,7 @@ def test_model_reinit_plan_follows_storage_changes():
     c = copy.deepcopy(b).float()
     ke_fast.reinit_(c, 3)
     fresh = copy.deepcopy(b).float()
-    from ke_fast import convert
-
-    convert._PLANS.pop(fresh, None)
+    split_state(fresh).drop_caches()
     ke_fast.reinit_(fresh, 3)
     assert all(torch.equal(p, q) for p, q in zip(c.parameters(), fresh.parameters()))
 
@@ -607,9 +638,8 @@ def test_tied_weights_share_one_mask_and_reinit_keeps_fit(mode):
         fit_before = model(x)
     before = {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)}
     ke_fast.reinit_(model, 1)
-    from ke_fast import convert
-
-    listed = [w.data_ptr() for w in convert._PLANS[model][1].weights]
+    (plan,) = split_state(model).cached("reset")
+    listed = [w.data_ptr() for w in plan.weights]
     assert len(listed) == len(set(listed)) == 6  # stem, a, head: the shared weight and bias once
     for name, m in ke_fast.masked_layers(model):
         keep, w0, w1 = masks[name], before[f"{name}.weight"], m.weight.detach()
@@ -663,6 +693,25 @@ def test_reinit_refuses_tied_layers_whose_masks_diverged():
     with pytest.raises(ValueError, match=r"'a' and 'b' share a Parameter"):
         ke_fast.reinit_(model, 1)
     assert same_state(state(model), before)
+
+
+def test_fit_only_refuses_tied_layers_whose_masks_diverged():
+    model = ke_fast.split(_Tied(), "wels", 0.5, seed=1)
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), ke_fast.fit_only(model):  # agreeing masks (split gave both one mask): fine
+        model(x)
+    model.b.set_fit_mask(K.pack_mask(torch.ones(8, 8, dtype=torch.bool)))
+    modes = [m.mode for _, m in ke_fast.masked_layers(model)]
+    with pytest.raises(ValueError, match=r"layers 'a' and 'b' share a weight Parameter but hold different fit masks"):
+        with ke_fast.fit_only(model):
+            pass
+    with pytest.raises(ValueError, match=r"'a' and 'b' share a weight Parameter"):
+        ke_fast.set_mode(model, "fit")
+    assert [m.mode for _, m in ke_fast.masked_layers(model)] == modes  # nothing switched
+    ke_fast.set_mode(model, "dense")  # dense mode reads no mask: allowed
+    model.b.set_fit_mask(model.a.fit_mask.clone())  # agreeing again
+    with torch.no_grad(), ke_fast.fit_only(model):
+        model(x)
 
 
 # ---------------------------------------------------------------- subclasses of the torch layers

@@ -10,11 +10,12 @@ from torch import nn
 
 import ke_fast.kernels as K
 from ke_fast import cli, variants
-from ke_fast.convert import _PLANS, reinit_, split
+from ke_fast.convert import reinit_, split
 from ke_fast.data import digits
 from ke_fast.evolve import Config, Evolution
 from ke_fast.masks import masked_layers
 from ke_fast.models import resnet18
+from ke_fast.state import split_state
 
 
 def _evolution(tmp_path, **cfg) -> Evolution:
@@ -106,9 +107,9 @@ def test_reset_from_keeps_before_and_redraws_from(tmp_path, split_mode, mode, re
 def test_reset_from_is_one_cached_plan_launch_per_dtype(tmp_path):
     ev = _evolution(tmp_path, reset_from="layer3")
     ev._evolve(2)
-    plan = _PLANS[ev.model][1]
+    (plan,) = split_state(ev.model).cached("reset")
     ev._evolve(3)
-    assert _PLANS[ev.model][1] is plan  # the whole-layer masks do not rebuild the plan every generation
+    assert split_state(ev.model).cached("reset") == [plan]  # the whole-layer masks do not rebuild the plan every generation
     assert len(plan._launches) == 1  # fp32 only: one reset_entries_ call per generation
     assert len(plan.weights) == sum(1 + (m.bias is not None) for _, m in masked_layers(ev.model))
 

@@ -401,7 +401,8 @@ class _Recorder(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if self.depth == 0 and self.computed((args, kwargs)) and isinstance(out, torch.Tensor | list | tuple):
+        if self.depth == 0 and self.computed((args, kwargs)) and (isinstance(out, torch.Tensor) or (
+                isinstance(out, list | tuple) and any(isinstance(t, torch.Tensor) for t in out))):
             name = getattr(func, "__name__", "")
             method = getattr(torch.Tensor, name, None) is func or getattr(func, "__qualname__", "").startswith(
                 ("TensorBase.", "Tensor."))

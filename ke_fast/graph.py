@@ -1,24 +1,20 @@
-"""Reading a model: which layers read its input and produce its output, where concatenations and residual
-adds join channels, how many channels flow along each edge, in what order layers run.
+"""Reading a model: the layers reading its input and producing its output, where concatenations and residual
+adds join channels, the channel count along each edge, the order layers run in. Everything that needs the
+graph (KELS roles in ``split``, ``extract_slim``, ``reset_bn_``, ``--reset-from``) reads it here.
 
-Two readers give the same kind of graph, a ``torch.fx.Graph`` whose ``call_module`` nodes are the leaf
-modules (conv / linear layers and their subclasses, masked layers, and modules whose forward is torch.nn's
-own, e.g. BatchNorm or a subclass of it that changes only ``__init__``):
-
-* ``"fx"``: symbolic tracing (and shapes when an example input is given): every branch of the code;
-* ``"record"``: the model runs once on an example input (eval mode, no grad) under a ``TorchFunctionMode``
-  that notes every torch function applied to a tensor the forward computed, while forward hooks note what
-  each leaf module read and wrote. It reads models torch.fx cannot trace (data-dependent control flow, as in
-  the official KE ``Split_densenet121``).
-
-Everything that needs the graph (KELS roles in ``split``, ``extract_slim``, ``reset_bn_``) reads it here.
-"""
+Two readers give the same kind of graph, a ``torch.fx.Graph`` whose ``call_module`` nodes are the leaf modules
+(:func:`is_leaf`): ``"fx"``, symbolic tracing (shapes too when an example input is given), and ``"record"``,
+one forward on an example input (eval mode, no grad) under a ``TorchFunctionMode`` noting every torch function
+applied to a tensor the forward computed, while forward hooks note what each leaf module read and wrote: it
+reads models fx cannot trace (data-dependent control flow, as the official KE ``Split_densenet121``)."""
 from __future__ import annotations
 
+import contextlib
 import operator
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterable, NamedTuple
+from types import SimpleNamespace
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.fx as fx
@@ -30,33 +26,23 @@ METHODS = ("auto", "fx", "record")
 PLAIN_RULE = "the plain KELS rule (first ceil(s*C_in) input channels of the first ceil(s*C_out) filters)"
 
 # modules that carry channel i of their input to channel i of their output
-PASS_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Dropout, nn.Identity,
-                nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.GroupNorm, nn.Flatten,
-                nn.modules.batchnorm._BatchNorm, nn.LeakyReLU, nn.ELU, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh,
-                nn.Sigmoid, nn.Tanh, nn.Mish, nn.Dropout1d, nn.Dropout2d, nn.MaxPool1d, nn.AvgPool1d,
-                nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d)
+PASS_MODULES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.LeakyReLU,
+                nn.ELU, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Mish, nn.Dropout, nn.Dropout1d,
+                nn.Dropout2d, nn.Identity, nn.Flatten, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
+                nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
 _CAT = frozenset({"cat", "concat", "concatenate"})
 # function / method names (in-place "_" and dunders stripped) that keep channel i in channel i when they
 # read one tensor the forward computed (constants and scalars aside)
-_KEEP = frozenset({
-    "relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "hardtanh", "leaky_relu", "elu",
-    "selu", "celu", "mish", "softplus", "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
-    "feature_alpha_dropout", "clone", "contiguous", "detach", "to", "float", "half", "bfloat16", "double", "type",
-    "type_as", "abs", "neg", "exp", "log", "sqrt", "rsqrt", "square", "pow", "clamp", "clip", "clamp_min",
-    "clamp_max", "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
-    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
-    "adaptive_max_pool3d", "lp_pool2d", "interpolate", "upsample", "pad", "batch_norm", "instance_norm", "group_norm",
-    "layer_norm", "add", "sub", "mul", "div", "true_divide", "truediv", "floordiv", "floor_divide", "rsub", "radd",
-    "rmul", "rtruediv", "iadd", "isub", "imul", "itruediv", "where", "masked_fill"})
-_REDUCE = frozenset({"mean", "sum", "amax", "amin", "std", "var", "logsumexp", "prod"})
-_RESHAPE = frozenset({"flatten", "view", "reshape", "squeeze", "unsqueeze", "view_as", "reshape_as"})
-_VALUES = frozenset({"size", "dim", "numel", "getattr"})  # nodes that produce Python values, not tensors
-
-
-class _Meta(NamedTuple):
-    """What the recorder keeps of a tensor (fx's ShapeProp keeps more; both have ``.shape``)."""
-    shape: torch.Size
-    dtype: torch.dtype
+_KEEP = frozenset("""relu relu6 gelu silu sigmoid tanh hardswish hardsigmoid hardtanh leaky_relu elu selu celu mish
+    softplus dropout dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout clone contiguous detach to float
+    half bfloat16 double type type_as abs neg exp log sqrt rsqrt square pow clamp clip clamp_min clamp_max max_pool1d
+    max_pool2d max_pool3d avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d
+    adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d lp_pool2d interpolate upsample pad batch_norm
+    instance_norm group_norm layer_norm add sub mul div true_divide truediv floordiv floor_divide rsub radd rmul
+    rtruediv iadd isub imul itruediv where masked_fill""".split())
+_REDUCE = frozenset("mean sum amax amin std var logsumexp prod".split())
+_RESHAPE = frozenset("flatten view reshape squeeze unsqueeze view_as reshape_as".split())
+_VALUES = frozenset("size dim numel getattr".split())  # nodes that produce Python values, not tensors
 
 
 @dataclass
@@ -118,16 +104,13 @@ def is_cat(node: fx.Node) -> bool:
     """A channel concatenation: ``torch.cat`` / ``concat`` / ``concatenate`` along dim 1."""
     if node.op != "call_function" or op_name(node) not in _CAT:
         return False
-    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
-    shape = shape_of(node)
-    if isinstance(dim, int) and dim < 0 and shape is not None:
-        dim += len(shape)
-    return dim == 1
+    dim, shape = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0), shape_of(node)
+    return (dim + len(shape) if isinstance(dim, int) and dim < 0 and shape is not None else dim) == 1
 
 
 def _is_value(node: fx.Node) -> bool:
-    name = op_name(node)
-    return name in _VALUES or (name == "getitem" and isinstance(node.args[0], fx.Node) and _is_value(node.args[0]))
+    return op_name(node) in _VALUES or (op_name(node) == "getitem" and isinstance(node.args[0], fx.Node)
+                                        and _is_value(node.args[0]))
 
 
 def data_inputs(node: fx.Node) -> list[fx.Node]:
@@ -139,8 +122,7 @@ def _keeps_channel(node: fx.Node, src: fx.Node) -> bool:
     """Whether a reshape / reduction keeps dim 1 as the channels of ``src`` (unknown shapes: assumed)."""
     name = op_name(node)
     if name in _REDUCE:
-        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-        shape = shape_of(src)
+        dim, shape = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None), shape_of(src)
         dims = dim if isinstance(dim, tuple | list) else (dim,)
         return dim is not None and all(isinstance(d, int) and (d if d >= 0 or shape is None else d + len(shape)) != 1
                                        for d in dims)
@@ -196,17 +178,12 @@ def channels(node: fx.Node, modules: dict[str, nn.Module]) -> int:
 # ---- the graph --------------------------------------------------------------------------------------
 
 class ModelGraph:
-    """A model's data flow (an fx.Graph of leaf modules and torch functions) and what KELS reads from it.
+    """A model's data flow and what KELS reads from it. ``graph``: an fx.Graph of leaf modules and torch
+    functions, in execution order; ``modules``: name -> module of its ``call_module`` targets; ``how``:
+    ``"fx"`` or ``"record"``."""
 
-    ``graph``: the nodes in execution order; ``modules``: qualified name -> module for ``call_module``
-    targets; ``how``: ``"fx"`` or ``"record"``; ``model_name``: the model's class, for messages."""
-
-    def __init__(self, graph: fx.Graph, modules: dict[str, nn.Module], how: str, model_name: str) -> None:
-        self.graph, self.modules, self.how, self.model_name = graph, modules, how, model_name
-
-    def upstream(self, node: fx.Node, depthwise: bool = False) -> fx.Node:
-        """:func:`upstream` in this graph."""
-        return upstream(node, self.modules, depthwise)
+    def __init__(self, graph: fx.Graph, modules: dict[str, nn.Module], how: str) -> None:
+        self.graph, self.modules, self.how = graph, modules, how
 
     def channels(self, node: fx.Node) -> int:
         """:func:`channels` in this graph."""
@@ -215,13 +192,13 @@ class ModelGraph:
     def segments(self, node: fx.Node) -> list[int] | None:
         """Channel sizes of the concatenation ``node`` carries (through channel-preserving ops and depthwise
         convs, nested concatenations flattened), or None when it carries none."""
-        node = self.upstream(node, depthwise=True)
+        node = upstream(node, self.modules, depthwise=True)
         if not is_cat(node):
             return None
         out: list[int] = []
         for part in node.args[0]:
             inner = self.segments(part)
-            out += inner if inner is not None else [self.channels(self.upstream(part, depthwise=True))]
+            out += inner if inner is not None else [self.channels(upstream(part, self.modules, depthwise=True))]
         return out
 
     def order(self, names: Iterable[str]) -> list[str]:
@@ -235,19 +212,16 @@ class ModelGraph:
         names, out = set(names), {}
         for node in self.graph.nodes:
             if node.op == "call_module" and isinstance(self.modules.get(node.target), nn.modules.batchnorm._BatchNorm):
-                src = self.upstream(node.args[0])
+                src = upstream(node.args[0], self.modules)
                 if src.op == "call_module" and src.target in names:
                     out[node.target] = src.target
         return out
 
     def roles(self, names: Iterable[str]) -> tuple[dict[str, Role], list[str]]:
-        """KELS role of every named layer, and the layers whose role this graph cannot tell (in words).
-
-        "first": the layer reads the model input, "last": it produces the model output, each without a
-        channel-mixing module (:func:`mixes_channels`, named or not) in between; ``segments``: the
-        concatenation its input is. A layer the graph never calls, one whose input reaches a concatenation
-        only through an op not understood here, or whose segments do not add up to its inputs, keeps the
-        plain rule and is listed."""
+        """KELS role of every named layer, and (in words) the layers whose role cannot be read: never called,
+        reaching a concatenation through an op not understood here, or segments not adding up to its inputs.
+        "first" / "last": the layer reads the model input / produces its output with no channel-mixing module
+        (:func:`mixes_channels`, named or not) in between; ``segments``: the concatenation its input is."""
         names = set(names)
         layer_of = {n: n.target for n in self.graph.nodes if n.op == "call_module" and n.target in names}
         sources: dict[fx.Node, frozenset] = {}  # layers (or "input") reaching a node without a channel mixer
@@ -269,29 +243,23 @@ class ModelGraph:
             role.first = role.first or "input" in frozenset().union(*(sources[a] for a in node.all_input_nodes))
             if role.first or not node.args or not isinstance(node.args[0], fx.Node):
                 continue
-            stop = self.upstream(node.args[0], depthwise=True)
+            stop = upstream(node.args[0], self.modules, depthwise=True)
             if not is_cat(stop):
-                if catted[stop] and stop.op in ("call_function", "call_method") and len(data_inputs(stop)) == 1:
-                    unread.append(f"{name!r} (its input comes from a concatenation through {op_name(stop)!r})")
+                if catted[stop]:  # a concatenation upstream, reached through something not read here
+                    unread.append(f"{name!r} (its input comes from a concatenation through "
+                                  f"{op_name(stop) or stop.target!r})")
                 continue
-            segs, wanted = self.segments(node.args[0]), self._in_channels(name)
+            segs = self.segments(node.args[0])
+            wanted = getattr(self.modules[name], "in_channels", getattr(self.modules[name], "in_features", None))
             if wanted is not None and sum(segs) != wanted:
                 unread.append(f"{name!r} (a concatenation of {segs} channels, but it reads {wanted})")
             else:
                 role.segments = segs
-        for node in self.graph.nodes:
-            if node.op == "output":
-                for src in sources[node]:
-                    if src != "input":
-                        roles[src.target].last = True
-        called = set(layer_of.values())
+        for src in frozenset().union(*(sources[n] for n in self.graph.nodes if n.op == "output")) - {"input"}:
+            roles[src.target].last = True
         unread += [f"{n!r} (never called in the {'traced' if self.how == 'fx' else 'recorded'} forward)"
-                   for n in sorted(names - called)]
+                   for n in sorted(names - set(layer_of.values()))]
         return roles, unread
-
-    def _in_channels(self, name: str) -> int | None:
-        m = self.modules.get(name)
-        return getattr(m, "in_channels", getattr(m, "in_features", None))
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -311,16 +279,13 @@ def _inputs(example_input: Any) -> tuple:
 
 
 def read(model: nn.Module, example_input: Any = None, *, method: str = "auto") -> ModelGraph:
-    """The data flow of ``model`` (see the module docstring).
-
-    ``method="auto"``: torch.fx (shapes from ``example_input`` when given); where fx cannot trace the model
-    (or its graph does not run on ``example_input``), one recorded forward on ``example_input``.
-    ``"fx"`` / ``"record"`` force one reader. The model's train/eval mode is restored and no BatchNorm
-    statistic moves. Raises ValueError when no reader can read the model (e.g. fx fails and no
-    ``example_input``), naming the model's class."""
+    """The data flow of ``model``. ``method="auto"``: torch.fx (shapes from ``example_input`` when given), else
+    (fx fails, or its graph does not run on ``example_input``) one recorded forward on ``example_input``;
+    ``"fx"`` / ``"record"`` force one. The train/eval mode is restored and no BatchNorm statistic moves.
+    Raises ValueError, naming the model's class, when no reader can (fx fails and no ``example_input``)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    name = type(model).__name__
+    name = type(model).__name__  # for messages
     if method != "record":
         try:
             gm = trace(model)
@@ -329,7 +294,7 @@ def read(model: nn.Module, example_input: Any = None, *, method: str = "auto") -
 
                 with _eval(model), _eval(gm):
                     ShapeProp(gm).propagate(*_inputs(example_input))
-            return ModelGraph(gm.graph, dict(gm.named_modules()), "fx", name)
+            return ModelGraph(gm.graph, dict(gm.named_modules()), "fx")
         except Exception as exc:  # data-dependent control flow etc.
             if method == "fx" or example_input is None:
                 raise ValueError(f"torch.fx cannot trace {name} ({type(exc).__name__}: {exc}); pass example_input "
@@ -339,19 +304,15 @@ def read(model: nn.Module, example_input: Any = None, *, method: str = "auto") -
     return _record(model, example_input)
 
 
-class _eval:
-    """Context: eval mode and no grad (no BatchNorm statistic moves); the mode is restored on exit."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model, self.was, self.grad = model, model.training, torch.no_grad()
-
-    def __enter__(self) -> None:
-        self.model.eval()
-        self.grad.__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.grad.__exit__(*exc)
-        self.model.train(self.was)
+@contextlib.contextmanager
+def _eval(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no grad (no BatchNorm statistic moves); the train/eval mode is restored, also on error."""
+    was = model.training
+    try:
+        with torch.no_grad():
+            yield model.eval()
+    finally:
+        model.train(was)
 
 
 class _Recorder(TorchFunctionMode):
@@ -382,7 +343,7 @@ class _Recorder(TorchFunctionMode):
     def bind(self, node: fx.Node, out: Any) -> None:
         """Make ``node`` the producer of ``out`` (each tensor of a returned tuple gets a getitem node)."""
         if isinstance(out, torch.Tensor):
-            node.meta["tensor_meta"] = _Meta(out.shape, out.dtype)
+            node.meta["tensor_meta"] = SimpleNamespace(shape=out.shape, dtype=out.dtype)  # as ShapeProp's
             self.node_of[id(out)] = node
             self.alive.append(out)
         elif isinstance(out, list | tuple):
@@ -390,19 +351,11 @@ class _Recorder(TorchFunctionMode):
                 if isinstance(t, torch.Tensor):
                     self.bind(self.graph.call_function(operator.getitem, (node, i)), t)
 
-    def computed(self, a: Any) -> bool:
-        if isinstance(a, torch.Tensor):
-            node = self.node_of.get(id(a))
-            return node is not None and node.op != "get_attr"
-        if isinstance(a, list | tuple):
-            return any(self.computed(x) for x in a)
-        return isinstance(a, dict) and any(self.computed(x) for x in a.values())
-
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if self.depth == 0 and self.computed((args, kwargs)) and (isinstance(out, torch.Tensor) or (
-                isinstance(out, list | tuple) and any(isinstance(t, torch.Tensor) for t in out))):
+        computed = any(getattr(self.node_of.get(id(t)), "op", "get_attr") != "get_attr" for t in _tensors((args, kwargs)))
+        if self.depth == 0 and computed and any(True for _ in _tensors(out)):
             name = getattr(func, "__name__", "")
             method = getattr(torch.Tensor, name, None) is func or getattr(func, "__qualname__", "").startswith(
                 ("TensorBase.", "Tensor."))
@@ -423,14 +376,20 @@ class _Recorder(TorchFunctionMode):
             self.bind(self.graph.call_module(name, a, k), out)
 
 
+def _tensors(a: Any) -> Iterator[torch.Tensor]:
+    """The tensors in nested lists, tuples and dicts."""
+    if isinstance(a, torch.Tensor):
+        yield a
+    elif isinstance(a, list | tuple | dict):
+        for x in (a.values() if isinstance(a, dict) else a):
+            yield from _tensors(x)
+
+
 def _record(model: nn.Module, example_input: Any) -> ModelGraph:
     """One forward of ``model`` on ``example_input`` read as a graph (see :class:`_Recorder`)."""
-    rec = _Recorder(model)
-    modules = dict(model.named_modules())
-    leaves = [(n, m) for n, m in modules.items() if is_leaf(m)]
-    handles = []
+    rec, modules, handles = _Recorder(model), dict(model.named_modules()), []
     try:
-        for n, m in leaves:
+        for n, m in ((n, m) for n, m in modules.items() if is_leaf(m)):
             handles.append(m.register_forward_pre_hook(rec.pre_hook, with_kwargs=True))
             handles.append(m.register_forward_hook(lambda *a, n=n: rec.hook(n, *a), with_kwargs=True, always_call=True))
         inputs = _inputs(example_input)
@@ -443,13 +402,12 @@ def _record(model: nn.Module, example_input: Any) -> ModelGraph:
     finally:
         for h in handles:
             h.remove()
-    return ModelGraph(rec.graph, modules, "record", type(model).__name__)
+    return ModelGraph(rec.graph, modules, "record")
 
 
 def call_order(model: nn.Module, modules: list[tuple[str, nn.Module]], example_input: Any) -> list[str]:
     """The names of ``modules`` in the order they are called (once per call) when ``model`` runs on
-    ``example_input`` (a tensor or a tuple of them) in eval mode without gradients: no BatchNorm statistic
-    moves; the model's train/eval mode is restored and the hooks removed, also on error."""
+    ``example_input`` (a tensor or a tuple of them) under :func:`_eval`; hooks removed, also on error."""
     order: list[str] = []
     handles = [m.register_forward_hook(lambda mod, i, o, name=n: order.append(name)) for n, m in modules]
     try:
@@ -463,12 +421,10 @@ def call_order(model: nn.Module, modules: list[tuple[str, nn.Module]], example_i
 
 def layer_roles(model: nn.Module, layers: list[tuple[str, nn.Module]], example_input: Any = None, *,
                 method: str = "auto") -> dict[str, Role]:
-    """KELS role of every layer in ``layers`` (:meth:`ModelGraph.roles`) from :func:`read`.
-
-    Never silent: layers whose role cannot be read keep the plain rule and one warning names the model's
-    class, those layers and the rule. Where the recorded forward itself fails (an op the recorder cannot
-    run), the execution order decides (the first and the last channel-mixing module to run are "first" and
-    "last" if they are layers; no concatenation read), with one warning saying so."""
+    """KELS role of every layer in ``layers`` (:meth:`ModelGraph.roles` of :func:`read`). Never silent: layers
+    whose role cannot be read keep the plain rule, and one warning names the model's class, them and the rule;
+    where the recorder fails, the first / last channel-mixing module to run are "first" / "last", and one
+    warning says so."""
     names = [n for n, _ in layers]
     if "" in names:  # the model is itself one layer: it reads the input and produces the output
         return {"": Role(first=True, last=True)}
@@ -481,11 +437,7 @@ def layer_roles(model: nn.Module, layers: list[tuple[str, nn.Module]], example_i
         order = call_order(model, watched, example_input)
         if not any(n in names for n in order):
             raise ValueError("example_input ran no conv/linear layer of the model") from exc
-        roles = {n: Role() for n in names}
-        if order[0] in roles:
-            roles[order[0]].first = True
-        if order[-1] in roles:
-            roles[order[-1]].last = True
+        roles = {n: Role(first=n == order[0], last=n == order[-1]) for n in names}
         warnings.warn(f"ke_fast could not record the data flow of {type(model).__name__} ({type(exc).__name__}: "
                       f"{exc}); KELS roles follow the execution order: the first layer to run keeps all its inputs, "
                       f"the last all its outputs, every layer else {PLAIN_RULE}: concatenations are not read",
@@ -496,12 +448,3 @@ def layer_roles(model: nn.Module, layers: list[tuple[str, nn.Module]], example_i
                       f"These layers follow {PLAIN_RULE}.", stacklevel=3)
     return roles
 
-
-def norm_producers(model: nn.Module, names: Iterable[str], example_input: Any = None) -> dict[str, str]:
-    """``{BatchNorm: layer}`` for the named layers (:meth:`ModelGraph.norm_producers`)."""
-    return read(model, example_input).norm_producers(names)
-
-
-__all__ = ["METHODS", "PASS_MODULES", "PLAIN_RULE", "ModelGraph", "Role", "call_order", "channels", "data_inputs",
-           "is_cat", "is_depthwise", "is_leaf", "layer_roles", "mixes_channels", "norm_producers", "op_name", "read",
-           "shape_of", "trace", "upstream"]

@@ -139,7 +139,7 @@ def upstream(node: fx.Node, modules: dict[str, nn.Module], depthwise: bool = Fal
         if node.op == "call_module":
             mod = modules.get(node.target)
             if not (isinstance(mod, PASS_MODULES) or (depthwise and is_depthwise(mod))) \
-                    or not isinstance(node.args[0], fx.Node):
+                    or not node.args or not isinstance(node.args[0], fx.Node):
                 return node
             node = node.args[0]
             continue

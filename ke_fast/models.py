@@ -25,7 +25,7 @@ from .architectures import (VGG, BasicBlock, Bottleneck, DenseNet, ResNet, conv1
 __all__ = [
     "BasicBlock", "Bottleneck", "ResNet", "resnet18", "resnet34", "resnet50", "DenseNet", "densenet121",
     "densenet169", "VGG", "vgg11_bn", "DenseNetTiny", "MLP", "SmallCNN", "MODELS", "build_model", "check_model",
-    "model_names", "resolve",
+    "model_names", "model_options", "resolve",
 ]
 
 
@@ -249,6 +249,18 @@ def resolve(name: str) -> Callable[..., nn.Module]:
         raise ValueError(f"model {name!r}: {attr!r} is a {type(obj).__name__}, not a function or class that builds "
                          f"an nn.Module")
     return obj
+
+
+def model_options(name: str) -> list[str]:
+    """The keyword arguments the factory of ``name`` accepts besides ``num_classes`` / ``in_channels`` (e.g.
+    ``width`` for the ResNets and VGG: what a CLI may pass on), sorted; [] when it has no readable signature."""
+    factory = resolve(name)
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (e.g. a builtin)
+        return []
+    return sorted(p.name for p in params if p.name not in ("num_classes", "in_channels")
+                  and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
 
 
 def check_model(name: str) -> str:

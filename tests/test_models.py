@@ -24,6 +24,7 @@ from ke_fast.models import (
     densenet121,
     densenet169,
     model_names,
+    model_options,
     resnet18,
     resnet34,
     resnet50,
@@ -197,6 +198,11 @@ def test_registry_and_build_model() -> None:
         for name in MODELS:
             model = build_model(name, num_classes=7, in_channels=1 if name != "mlp" else 64)
             assert list(model.parameters())[-1].shape == (7,), name
+    assert model_options("resnet34") == ["stem", "width", "zero_init_residual"]
+    assert model_options("vgg11_bn") == ["dropout", "hidden", "pool", "width"]
+    assert "growth_rate" in model_options("densenet121") and "width" not in model_options("densenet121")
+    with pytest.raises(ValueError, match="unknown model name"):
+        model_options("resnet19")
     with pytest.raises(ValueError, match="mlp.*in_features"):
         build_model("mlp")
     with pytest.raises(ValueError, match=r"'resnet18' does not accept.*growth_rate"):

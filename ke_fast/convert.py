@@ -10,37 +10,20 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
-import torch.fx as fx
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from . import kernels as K
 from . import ops
+from .graph import Role as _Role, is_depthwise as _is_depthwise, layer_roles, trace, upstream as _through
 from .masks import check_mode, layer_mask, masked_layers, output_mask
 from .nn import MASKED_OF, FitGroup, MaskedLayer, masked_class
 from .state import (LAYER_ATTR, ROOT_ATTR, SplitState, check_tied_masks, layers_and_state, layers_changed,
                     reset_plan, seed_of, state_of_layer)
-
-_CAT = (torch.cat, torch.concat)
-
-
-@dataclass
-class _Role:
-    first: bool = False  # reads the network input: keeps all input channels (KELS)
-    last: bool = False  # produces the output: keeps all outputs (KELS)
-    segments: list[int] | None = None  # input is a channel concatenation of these sizes (KELS)
-
-    def describe(self) -> str:
-        """The KELS role in words, for error messages."""
-        parts = (["reads the model input"] if self.first else []) + (["produces the output"] if self.last else [])
-        if self.segments is not None:
-            parts.append(f"reads a concatenation of {self.segments} channels")
-        return ", ".join(parts) or "hidden layer"
 
 
 def split(model: nn.Module, mode: str = "kels", split_rate: float = 0.5, *, seed: int = 0,
@@ -111,7 +94,7 @@ def split(model: nn.Module, mode: str = "kels", split_rate: float = 0.5, *, seed
         left = f"; left dense: {'; '.join(unsupported)}" if unsupported else ""
         raise ValueError(f"model has no nn.Conv1d / nn.Conv2d / nn.Linear layer to split (after filter_fn){left}")
     _check_shared_with_dense(model, layers)
-    roles = _roles(model, layers, example_input) if mode == "kels" else {}
+    roles = layer_roles(model, layers, example_input) if mode == "kels" else {}
     plans = []
     owners: dict[int, tuple] = {}  # id(weight or bias) -> (first layer, its index, its mask, what decided it)
     for index, (name, m) in enumerate(layers):
@@ -406,187 +389,3 @@ def fit_only(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for (_, m), (mode, previous) in zip(layers, before):
             m.set_mode(mode, previous)
-
-
-# ---- graph analysis ---------------------------------------------------------------------------
-
-class _Tracer(fx.Tracer):
-    """fx tracer that keeps conv/linear layers as leaves, also masked layers and the user's subclasses (they
-    live outside torch.nn, so fx would trace into them and the layer would vanish from the graph)."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, MaskedLayer | _ConvNd | nn.Linear) or super().is_leaf_module(m, qualname)
-
-
-def trace(model: nn.Module) -> fx.GraphModule:
-    """torch.fx graph of ``model`` with conv/linear and masked layers as call_module nodes."""
-    tracer = _Tracer()
-    graph = tracer.trace(model)
-    return fx.GraphModule(tracer.root, graph)
-
-
-def _mixes_channels(m: nn.Module) -> bool:
-    """A module with a weight matrix (a parameter of 2+ dims: conv, linear, attention, ...) computes new
-    channels: the network's input and output are not the channels on its other side."""
-    return any(p.dim() >= 2 for p in m.parameters())
-
-
-def _roles(model: nn.Module, layers: list[tuple[str, nn.Module]], example_input: Any) -> dict[str, _Role]:
-    """KELS role of every layer: "first" if it reads the model input and "last" if it produces the model
-    output, each without a channel-mixing module (:func:`_mixes_channels`, split or not) in between;
-    concatenation segments of its input."""
-    names = {n for n, _ in layers}
-    if "" in names:  # the model is itself one layer: it reads the input and produces the output
-        return {"": _Role(first=True, last=True)}
-    try:
-        gm = trace(model)
-    except Exception as exc:  # data-dependent control flow etc.
-        if example_input is None:
-            raise ValueError(f"torch.fx cannot trace this model ({type(exc).__name__}: {exc}); pass example_input "
-                             f"so ke_fast can find the input layer and the classifier by execution order") from exc
-        return _roles_by_hooks(model, layers, example_input)
-    if example_input is not None:
-        from torch.fx.passes.shape_prop import ShapeProp
-
-        was_training = model.training
-        try:
-            gm.eval()  # shapes only: BatchNorm statistics must not move
-            with torch.no_grad():
-                ShapeProp(gm).propagate(*(example_input if isinstance(example_input, tuple) else (example_input,)))
-        finally:
-            gm.train(was_training)
-    modules = dict(gm.named_modules())
-    layer_nodes = {n for n in gm.graph.nodes if n.op == "call_module" and n.target in names}
-    # modules left dense that mix channels (e.g. a classifier filter_fn left out): nothing reaches past them
-    walls = {n for n in gm.graph.nodes if n.op == "call_module" and n.target not in names
-             and _mixes_channels(modules[n.target])}
-    memo: dict[fx.Node, frozenset] = {}
-
-    def sources(node: fx.Node) -> frozenset:
-        """Layer nodes (or "input") that reach ``node`` without crossing another channel-mixing module."""
-        if node in memo:
-            return memo[node]
-        if node in layer_nodes:
-            out = frozenset([node])
-        elif node in walls:
-            out = frozenset()
-        elif node.op == "placeholder":
-            out = frozenset(["input"])
-        else:
-            out = frozenset().union(*(sources(a) for a in node.all_input_nodes)) if node.all_input_nodes else frozenset()
-        memo[node] = out
-        return out
-
-    roles = {n: _Role() for n in names}
-    for node in gm.graph.nodes:
-        if node in layer_nodes:
-            ins = frozenset().union(*(sources(a) for a in node.all_input_nodes))
-            role = roles[node.target]
-            role.first = role.first or "input" in ins
-            segs = _segments(node.args[0], modules)
-            if segs is not None and not role.first:
-                role.segments = segs
-        elif node.op == "output":
-            for src in sources(node):
-                if src != "input":
-                    roles[src.target].last = True
-    return roles
-
-
-_PASS_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Dropout, nn.Identity,
-                 nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.GroupNorm, nn.Flatten)
-
-
-def _is_cat(node: fx.Node) -> bool:
-    if node.op != "call_function" or node.target not in _CAT:
-        return False
-    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
-    return dim == 1
-
-
-def _is_depthwise(m: object) -> bool:
-    return isinstance(m, nn.Conv1d | nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
-
-
-def _through(node: fx.Node, modules: dict, depthwise: bool = False) -> fx.Node:
-    """Walk back through channel-preserving single-input ops (and depthwise convs, if asked: they
-    keep channel i in channel i, so a concatenation's segments survive them)."""
-    while True:
-        mod = modules.get(node.target) if node.op == "call_module" else None
-        if isinstance(mod, _PASS_MODULES) or (depthwise and _is_depthwise(mod)):
-            node = node.args[0]
-        elif node.op in ("call_function", "call_method") and not _is_cat(node) and len(node.all_input_nodes) == 1 \
-                and isinstance(node.args[0], fx.Node):
-            node = node.args[0]
-        else:
-            return node
-
-
-def _segments(arg: Any, modules: dict) -> list[int] | None:
-    """Channel sizes of the concatenation feeding a layer (flattening nested cats), or None."""
-    if not isinstance(arg, fx.Node):
-        return None
-    node = _through(arg, modules, depthwise=True)
-    if not _is_cat(node):
-        return None
-
-    def leaves(n: fx.Node) -> list[int]:
-        n2 = _through(n, modules, depthwise=True)
-        if _is_cat(n2):
-            return [c for part in n2.args[0] for c in leaves(part)]
-        return [_channels(n2, modules)]
-
-    return [c for part in node.args[0] for c in leaves(part)]
-
-
-def _channels(node: fx.Node, modules: dict) -> int:
-    meta = node.meta.get("tensor_meta")
-    if meta is not None:
-        return int(meta.shape[1])
-    if node.op == "call_module":
-        m = modules[node.target]
-        for attr in ("out_channels", "out_features", "num_features", "num_channels"):
-            if hasattr(m, attr):
-                return int(getattr(m, attr))
-    if _is_cat(node):
-        return sum(_channels(a, modules) for a in node.args[0])
-    if node.all_input_nodes and node.op != "placeholder":
-        return _channels(node.all_input_nodes[0], modules)
-    raise ValueError(f"cannot infer the channel count of {node.name!r} feeding a concatenation; pass example_input")
-
-
-def call_order(model: nn.Module, modules: list[tuple[str, nn.Module]], example_input: Any) -> list[str]:
-    """The names of ``modules`` in the order they are called (once per call) when ``model`` runs on
-    ``example_input`` (a tensor or a tuple of them) in eval mode without gradients: no BatchNorm statistic
-    moves; the model's train/eval mode is restored and the hooks removed, also on error."""
-    order: list[str] = []
-    handles = [m.register_forward_hook(lambda mod, i, o, name=n: order.append(name)) for n, m in modules]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(*(example_input if isinstance(example_input, tuple) else (example_input,)))
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    return order
-
-
-def _roles_by_hooks(model: nn.Module, layers: list[tuple[str, nn.Module]], example_input: Any) -> dict[str, _Role]:
-    """Roles from execution order: the first and the last channel-mixing module to run (split or not; the
-    modules fx would keep as leaves, so a model holding a parameter of its own is not one) are "first" and
-    "last" if they are split layers."""
-    names = {n for n, _ in layers}
-    tracer = _Tracer()
-    watched = [(n, m) for n, m in model.named_modules()
-               if n in names or (tracer.is_leaf_module(m, n) and _mixes_channels(m))]
-    order = call_order(model, watched, example_input)
-    if not any(n in names for n in order):
-        raise ValueError("example_input ran no conv/linear layer of the model")
-    roles = {n: _Role() for n, _ in layers}
-    if order[0] in roles:
-        roles[order[0]].first = True
-    if order[-1] in roles:
-        roles[order[-1]].last = True
-    return roles

@@ -15,23 +15,26 @@ from torch import nn
 
 from . import kernels as K
 from . import ops
-from .convert import _PASS_MODULES, _channels, _is_cat, revert, trace
+from . import graph as G
+from .convert import revert
 from .masks import masked_layers
 from .nn import MASKED_OF, MaskedLayer
 
 
 # ---- KELS: slim network --------------------------------------------------------------------------
 
-def extract_slim(model: nn.Module) -> nn.Module:
+def extract_slim(model: nn.Module, *, example_input: Any = None) -> nn.Module:
     """A physically smaller plain-PyTorch copy of a split model holding only the kept channels.
 
     Kept output channels of a layer are the filters with any fit weight; kept inputs follow the graph
-    (through BatchNorm, activations, pooling, residual adds and channel concatenations), so the slim
-    network computes exactly what the fit hypothesis computes. Raises ValueError for WELS-split models
-    (their fit hypothesis is sparse, not slim: use :func:`extract_sparse`), when masks are not
-    channel-consistent (a layer whose fit weights read a channel its producer drops) and for layers of
-    a subclass with a forward of its own (e.g. weight standardisation over a filter's kept inputs would
-    differ), named.
+    (:func:`ke_fast.graph.read`: through BatchNorm, activations, pooling, residual adds, channel
+    concatenations and channel-major flattens), so the slim network computes exactly what the fit hypothesis
+    computes. ``example_input`` (an input batch) is needed only for models torch.fx cannot trace: their
+    graph is read from one forward on it. Raises ValueError for WELS-split models (their fit hypothesis is
+    sparse, not slim: use :func:`extract_sparse`), when masks are not channel-consistent (a layer whose fit
+    weights read a channel its producer drops), for layers of a subclass with a forward of its own (e.g.
+    weight standardisation over a filter's kept inputs would differ), named, and for models no graph
+    reader can read.
     """
     layers = dict(masked_layers(model))
     if not layers:
@@ -42,10 +45,9 @@ def extract_slim(model: nn.Module) -> nn.Module:
                          f"sparse: use ke_fast.extract_sparse")
     _check_torch_forward(layers.items(), "extract_slim")
     try:
-        gm = trace(model)
-    except Exception as exc:
-        raise ValueError(f"extract_slim needs a model torch.fx can trace ({type(exc).__name__}: {exc})") from exc
-    modules = dict(gm.named_modules())
+        g = G.read(model, example_input)
+    except ValueError as exc:
+        raise ValueError(f"extract_slim: {exc}") from exc
     kept: dict[fx.Node, torch.Tensor | None] = {}  # kept channel indices of each node's output (None = all)
     plan: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}  # module -> (kept in, kept out)
 
@@ -57,8 +59,8 @@ def extract_slim(model: nn.Module) -> nn.Module:
         plan[name] = (k_in, k_out)
 
     node_device = next(iter(layers.values())).fit_mask.device
-    for node in gm.graph.nodes:
-        ins = node.all_input_nodes
+    for node in g.graph.nodes:
+        ins = G.data_inputs(node)
         first = kept.get(ins[0]) if ins else None
         if node.op == "call_module" and node.target in layers:
             m = layers[node.target]
@@ -70,23 +72,23 @@ def extract_slim(model: nn.Module) -> nn.Module:
                 k_in = k_out if first is None or _same(first, k_out) else None
                 if k_in is None:
                     raise ValueError(f"depthwise layer {node.target!r}: kept filters differ from kept inputs")
-            elif first is not None and _input_channels(ins[0], modules) == _n_channels(m):
-                if not bool(torch.isin(cols, first).all()):
+            elif first is not None:
+                k_in = _kept_inputs(g, node, ins[0], first, _n_channels(m))
+                if not bool(torch.isin(cols, k_in).all()):
                     raise ValueError(f"layer {node.target!r}: fit weights read channels its input does not keep; "
                                      f"masks are not channel-consistent (KELS masks are)")
-                k_in = first
             else:
-                k_in = cols if first is not None else None
+                k_in = None
             merge(node.target, k_in, k_out)
             kept[node] = k_out
-        elif node.op == "call_module" and isinstance(modules.get(node.target), nn.modules.batchnorm._BatchNorm):
+        elif node.op == "call_module" and isinstance(g.modules.get(node.target), nn.modules.batchnorm._BatchNorm):
             merge(node.target, None, first)
             kept[node] = first
-        elif _is_cat(node):
+        elif G.is_cat(node):
             parts, offset = [], 0
             for part in node.args[0]:
                 k = kept.get(part)
-                c = _channels(part, modules)
+                c = g.channels(part)
                 parts.append(torch.arange(c, device=node_device) + offset if k is None else k + offset)
                 offset += c
             kept[node] = torch.cat(parts)
@@ -96,12 +98,12 @@ def extract_slim(model: nn.Module) -> nn.Module:
             if known and not all(_same(known[0], k) for k in known):
                 raise ValueError(f"{node.name!r} combines tensors with different kept channels")
             kept[node] = known[0] if known else None
-        elif node.op == "call_module" and not isinstance(modules.get(node.target), _PASS_MODULES) \
-                and any(True for _ in modules[node.target].parameters()):
+        elif node.op == "call_module" and not isinstance(g.modules.get(node.target), G.PASS_MODULES) \
+                and any(True for _ in g.modules[node.target].parameters()):
             raise ValueError(f"extract_slim cannot slim through module {node.target!r} "
-                             f"({type(modules[node.target]).__name__}); split it or leave it out of the model")
+                             f"({type(g.modules[node.target]).__name__}); split it or leave it out of the model")
         else:
-            kept[node] = first
+            kept[node] = _carry(node, ins[0], first) if first is not None else first
     slim = copy.deepcopy(model)
     masked_copy = {n: m for n, m in slim.named_modules() if isinstance(m, MaskedLayer)}
     with torch.no_grad():
@@ -143,12 +145,37 @@ def _n_channels(m: nn.Module) -> int:
     return m.in_channels if hasattr(m, "in_channels") else m.in_features
 
 
-def _input_channels(node: fx.Node, modules: dict) -> int | None:
-    """Full channel count of a node's output, or None when it cannot be inferred (e.g. a flatten)."""
+def _carry(node: fx.Node, src: fx.Node, kept: torch.Tensor) -> torch.Tensor:
+    """The kept channels of ``src`` as indices into dim 1 of ``node`` (one input, channels preserved or
+    flattened channel-major, as the graph reader's shapes tell; unknown shapes: preserved)."""
+    a, b = G.shape_of(src), G.shape_of(node)
+    if a is None or b is None or len(a) < 2 or len(b) < 2 or a[1] == b[1]:
+        return kept
+    per = math.prod(a[2:])
+    if b[1] != a[1] * per:
+        raise ValueError(f"extract_slim cannot follow kept channels through {node.name!r} ({tuple(a)} -> {tuple(b)})")
+    return _expand(kept, per)
+
+
+def _expand(kept: torch.Tensor, per: int) -> torch.Tensor:
+    """Feature indices of the kept channels after a channel-major flatten of ``per`` values per channel."""
+    return (kept[:, None] * per + torch.arange(per, device=kept.device)).flatten()
+
+
+def _kept_inputs(g: G.ModelGraph, node: fx.Node, src: fx.Node, kept: torch.Tensor, features: int) -> torch.Tensor:
+    """The inputs of layer ``node`` that read the ``kept`` channels of ``src``. A layer reading more features
+    than ``src`` has channels reads a channel-major flatten of it (e.g. VGG's classifier on 512 x 7 x 7): each
+    kept channel stands for that many consecutive features."""
     try:
-        return _channels(node, modules)
+        c = g.channels(src)
     except ValueError:
-        return None
+        c = None
+    if c is None or features == c or features % c:
+        if c is not None and features != c:
+            raise ValueError(f"layer {node.target!r} reads {features} features from {c} channels: extract_slim cannot "
+                             f"map its inputs to the kept channels")
+        return kept
+    return _expand(kept, features // c)
 
 
 def _slim_layer(m: nn.Module, w: torch.Tensor, b: torch.Tensor | None, k_in: torch.Tensor | None,

@@ -1,240 +1,32 @@
-"""Model zoo for ``ke_fast``: ResNets, a tiny DenseNet, an MLP and a small CNN.
+"""Models for ``ke_fast``: a registry by name (timm's ``create_model`` seam) and ``MODULE:FUNCTION`` for any
+network a user writes, the KE paper's architectures in torchvision's layout (:mod:`ke_fast.architectures`:
+ResNet-18/34/50, DenseNet-121/169, VGG-11-bn), and small networks for tiny images: a DenseNet, an MLP, a
+CNN.
 
-Every model here is written in plain ``torch.nn`` with no data-dependent
-control flow, so all of them can be traced with ``torch.fx.symbolic_trace``.
-None of them modifies a block's input in place, so autograd through any
-intermediate activation stays valid (ReLUs that act on freshly computed
-tensors may still be in place, as in torchvision).
+Every model here is written in plain ``torch.nn`` with no data-dependent control flow, so all of them
+trace with ``torch.fx``. None modifies a block's input in place, so autograd through any intermediate
+activation stays valid (ReLUs acting on freshly computed tensors may still be in place, as in torchvision).
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import os
+import sys
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from .architectures import (VGG, BasicBlock, Bottleneck, DenseNet, ResNet, conv1x1, conv3x3, densenet121,
+                            densenet169, resnet18, resnet34, resnet50, vgg11_bn)
+
 __all__ = [
-    "BasicBlock",
-    "Bottleneck",
-    "ResNet",
-    "resnet18",
-    "resnet50",
-    "DenseNetTiny",
-    "MLP",
-    "SmallCNN",
-    "MODELS",
-    "build_model",
+    "BasicBlock", "Bottleneck", "ResNet", "resnet18", "resnet34", "resnet50", "DenseNet", "densenet121",
+    "densenet169", "VGG", "vgg11_bn", "DenseNetTiny", "MLP", "SmallCNN", "MODELS", "build_model", "check_model",
+    "model_names", "model_options", "resolve",
 ]
-
-_STEMS = ("imagenet", "small")
-
-
-def _conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
-    """3x3 convolution with padding 1 and no bias (BN follows)."""
-    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
-
-
-def _conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
-    """1x1 convolution with no bias (BN follows)."""
-    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
-
-
-class BasicBlock(nn.Module):
-    """Two 3x3 convolutions with an identity (or projected) shortcut."""
-
-    expansion: int = 1
-
-    def __init__(
-        self,
-        inplanes: int,
-        planes: int,
-        stride: int = 1,
-        downsample: nn.Module | None = None,
-    ) -> None:
-        super().__init__()
-        self.conv1 = _conv3x3(inplanes, planes, stride)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = _conv3x3(planes, planes)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = downsample
-        self.stride = stride
-
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        # Out-of-place add: ``x`` may be needed by autograd or by a caller
-        # that holds on to intermediate activations.
-        out = out + identity
-        return self.relu(out)
-
-
-class Bottleneck(nn.Module):
-    """1x1 reduce, 3x3 (strided, ResNet v1.5), 1x1 expand, plus shortcut."""
-
-    expansion: int = 4
-
-    def __init__(
-        self,
-        inplanes: int,
-        planes: int,
-        stride: int = 1,
-        downsample: nn.Module | None = None,
-    ) -> None:
-        super().__init__()
-        self.conv1 = _conv1x1(inplanes, planes)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = _conv3x3(planes, planes, stride)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = _conv1x1(planes, planes * self.expansion)
-        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-        self.stride = stride
-
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        out = out + identity
-        return self.relu(out)
-
-
-class ResNet(nn.Module):
-    """ResNet with torchvision's layout and an optional small-image stem.
-
-    Args:
-        block: ``BasicBlock`` or ``Bottleneck``.
-        layers: number of blocks in each of the four stages.
-        num_classes: size of the output of ``fc``.
-        in_channels: number of input image channels.
-        stem: ``"imagenet"`` (7x7/2 conv + 3x3/2 max-pool) or ``"small"``
-            (3x3/1 conv, no pooling) for 8x8 to 32x32 inputs.
-        width: base channel count; stage ``i`` has ``width * 2**i`` planes.
-        zero_init_residual: zero the last BN of every residual branch so each
-            block starts as the identity, which helps some training recipes.
-    """
-
-    def __init__(
-        self,
-        block: type[BasicBlock] | type[Bottleneck],
-        layers: Sequence[int],
-        num_classes: int = 1000,
-        *,
-        in_channels: int = 3,
-        stem: str = "imagenet",
-        width: int = 64,
-        zero_init_residual: bool = False,
-    ) -> None:
-        super().__init__()
-        if stem not in _STEMS:
-            raise ValueError(f"stem must be one of {list(_STEMS)}, got {stem!r}")
-        if len(layers) != 4:
-            raise ValueError(f"layers must have 4 entries, got {len(layers)}")
-        if width < 1:
-            raise ValueError(f"width must be positive, got {width}")
-
-        self.inplanes = width
-        if stem == "imagenet":
-            self.conv1 = nn.Conv2d(in_channels, width, kernel_size=7, stride=2, padding=3, bias=False)
-            self.maxpool: nn.Module = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        else:
-            self.conv1 = _conv3x3(in_channels, width)
-            # Identity keeps the module structure (and state_dict keys) uniform
-            # across stems while doing no pooling on tiny inputs.
-            self.maxpool = nn.Identity()
-        self.bn1 = nn.BatchNorm2d(width)
-        self.relu = nn.ReLU(inplace=True)
-
-        self.layer1 = self._make_layer(block, width, layers[0])
-        self.layer2 = self._make_layer(block, width * 2, layers[1], stride=2)
-        self.layer3 = self._make_layer(block, width * 4, layers[2], stride=2)
-        self.layer4 = self._make_layer(block, width * 8, layers[3], stride=2)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(width * 8 * block.expansion, num_classes)
-
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
-        if zero_init_residual:
-            for m in self.modules():
-                if isinstance(m, Bottleneck):
-                    nn.init.constant_(m.bn3.weight, 0)
-                elif isinstance(m, BasicBlock):
-                    nn.init.constant_(m.bn2.weight, 0)
-
-    def _make_layer(
-        self,
-        block: type[BasicBlock] | type[Bottleneck],
-        planes: int,
-        blocks: int,
-        stride: int = 1,
-    ) -> nn.Sequential:
-        downsample: nn.Module | None = None
-        if stride != 1 or self.inplanes != planes * block.expansion:
-            downsample = nn.Sequential(
-                _conv1x1(self.inplanes, planes * block.expansion, stride),
-                nn.BatchNorm2d(planes * block.expansion),
-            )
-        layers: list[nn.Module] = [block(self.inplanes, planes, stride, downsample)]
-        self.inplanes = planes * block.expansion
-        layers.extend(block(self.inplanes, planes) for _ in range(1, blocks))
-        return nn.Sequential(*layers)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer1(x)
-        x = self.layer2(x)
-        x = self.layer3(x)
-        x = self.layer4(x)
-        x = torch.flatten(self.avgpool(x), 1)
-        return self.fc(x)
-
-
-def resnet18(
-    num_classes: int = 1000,
-    *,
-    in_channels: int = 3,
-    stem: str = "imagenet",
-    width: int = 64,
-    zero_init_residual: bool = False,
-) -> ResNet:
-    """ResNet-18 (11,689,512 parameters at the defaults, as torchvision)."""
-    return ResNet(
-        BasicBlock,
-        (2, 2, 2, 2),
-        num_classes,
-        in_channels=in_channels,
-        stem=stem,
-        width=width,
-        zero_init_residual=zero_init_residual,
-    )
-
-
-def resnet50(
-    num_classes: int = 1000,
-    *,
-    in_channels: int = 3,
-    stem: str = "imagenet",
-    width: int = 64,
-    zero_init_residual: bool = False,
-) -> ResNet:
-    """ResNet-50 v1.5 (25,557,032 parameters at the defaults, as torchvision)."""
-    return ResNet(
-        Bottleneck,
-        (3, 4, 6, 3),
-        num_classes,
-        in_channels=in_channels,
-        stem=stem,
-        width=width,
-        zero_init_residual=zero_init_residual,
-    )
 
 
 class _DenseLayer(nn.Module):
@@ -245,7 +37,7 @@ class _DenseLayer(nn.Module):
         self.norm = nn.BatchNorm2d(in_channels)
         # Not in place: the input is reused verbatim in the concatenation.
         self.relu = nn.ReLU()
-        self.conv = _conv3x3(in_channels, growth)
+        self.conv = conv3x3(in_channels, growth)
 
     def forward(self, x: Tensor) -> Tensor:
         new = self.conv(self.relu(self.norm(x)))
@@ -259,7 +51,7 @@ class _Transition(nn.Module):
         super().__init__()
         self.norm = nn.BatchNorm2d(in_channels)
         self.relu = nn.ReLU()
-        self.conv = _conv1x1(in_channels, out_channels)
+        self.conv = conv1x1(in_channels, out_channels)
         self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -291,7 +83,7 @@ class DenseNetTiny(nn.Module):
         super().__init__()
         if len(layers_per_block) == 0:
             raise ValueError("layers_per_block must name at least one block")
-        self.stem = _conv3x3(in_channels, init_channels)
+        self.stem = conv3x3(in_channels, init_channels)
         blocks: list[nn.Module] = []
         channels = init_channels
         for i, n_layers in enumerate(layers_per_block):
@@ -371,13 +163,13 @@ class SmallCNN(nn.Module):
 
     def __init__(self, num_classes: int = 10, *, in_channels: int = 1, width: int = 32) -> None:
         super().__init__()
-        self.conv1 = _conv3x3(in_channels, width)
+        self.conv1 = conv3x3(in_channels, width)
         self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = _conv3x3(width, width)
+        self.conv2 = conv3x3(width, width)
         self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = _conv3x3(width, width)
+        self.conv3 = conv3x3(width, width)
         self.bn3 = nn.BatchNorm2d(width)
-        self.conv4 = _conv3x3(width, width * 2, stride=2)
+        self.conv4 = conv3x3(width, width * 2, stride=2)
         self.bn4 = nn.BatchNorm2d(width * 2)
         self.relu = nn.ReLU(inplace=True)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -400,25 +192,104 @@ class SmallCNN(nn.Module):
         return self.fc(x)
 
 
+def mlp(num_classes: int = 10, in_channels: int | None = None, *, in_features: int | None = None,
+        hidden: Sequence[int] = (256, 128)) -> MLP:
+    """:class:`MLP` by the registry's arguments: ``in_features`` defaults to ``in_channels`` (flat inputs)."""
+    features = in_features if in_features is not None else in_channels
+    if features is None:
+        raise ValueError("model 'mlp' needs in_features (or in_channels, for flat inputs)")
+    return MLP(features, hidden=hidden, num_classes=num_classes)
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": resnet18,
+    "resnet34": resnet34,
     "resnet50": resnet50,
+    "densenet121": densenet121,
+    "densenet169": densenet169,
+    "vgg11_bn": vgg11_bn,
     "densenet_tiny": DenseNetTiny,
-    "mlp": MLP,
+    "mlp": mlp,
     "small_cnn": SmallCNN,
 }
 
 
-def build_model(name: str, **kwargs: object) -> nn.Module:
-    """Build the model registered under ``name`` in :data:`MODELS`.
+def model_names() -> list[str]:
+    """The registered model names, sorted (what ``--model`` accepts besides ``MODULE:FUNCTION``)."""
+    return sorted(MODELS)
+
+
+def resolve(name: str) -> Callable[..., nn.Module]:
+    """The factory a model name stands for: a name of :data:`MODELS`, or ``"MODULE:FUNCTION"`` (as
+    application strings in uvicorn / gunicorn: ``FUNCTION`` may be a dotted path inside the module, e.g.
+    ``"mypkg.nets:Zoo.small"``; the current directory is importable, as for ``python -m``). Imports the
+    module but builds nothing. Raises ValueError naming what is wrong: an unknown name, a malformed spec, a
+    module that cannot be imported, a missing attribute, or one that is not callable."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"model name must be a non-empty string, got {name!r}")
+    if name in MODELS:
+        return MODELS[name]
+    if ":" not in name:
+        raise ValueError(f"unknown model name={name!r}; valid names are: {', '.join(model_names())}, or "
+                         f"MODULE:FUNCTION for a network of your own (e.g. mypkg.nets:make_net)")
+    module, _, attr = name.partition(":")
+    if not module or not attr or ":" in attr or not all(p.isidentifier() for p in (*module.split("."), *attr.split("."))):
+        raise ValueError(f"model {name!r}: expected MODULE:FUNCTION with dotted Python names, e.g. mypkg.nets:make_net")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj = importlib.import_module(module)
+    except Exception as exc:  # not found, or the module itself failed (syntax, its own imports)
+        raise ValueError(f"model {name!r}: cannot import module {module!r} ({type(exc).__name__}: {exc})") from exc
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"model {name!r}: module {module!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"model {name!r}: {attr!r} is a {type(obj).__name__}, not a function or class that builds "
+                         f"an nn.Module")
+    return obj
+
+
+def model_options(name: str) -> list[str]:
+    """The keyword arguments the factory of ``name`` accepts besides ``num_classes`` / ``in_channels`` (e.g.
+    ``width`` for the ResNets and VGG: what a CLI may pass on), sorted; [] when it has no readable signature."""
+    factory = resolve(name)
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (e.g. a builtin)
+        return []
+    return sorted(p.name for p in params if p.name not in ("num_classes", "in_channels")
+                  and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def check_model(name: str) -> str:
+    """Validate a ``--model`` value without building it (:func:`resolve`); returns it. Raises ValueError."""
+    resolve(name)
+    return name
+
+
+def build_model(name: str, *, num_classes: int | None = None, in_channels: int | None = None,
+                **kwargs: object) -> nn.Module:
+    """Build the model ``name`` stands for (:func:`resolve`), called with ``num_classes`` and ``in_channels``
+    when given (the factory's defaults otherwise) and ``kwargs``.
 
     Raises:
-        ValueError: if ``name`` is not a registered model name.
+        ValueError: ``name`` cannot be resolved, or the factory does not accept these arguments.
+        TypeError: the factory returned something that is not an ``nn.Module``.
     """
+    factory = resolve(name)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if in_channels is not None:
+        kwargs["in_channels"] = in_channels
     try:
-        factory = MODELS[name]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"unknown model name={name!r}; valid names are: {', '.join(sorted(MODELS))}"
-        ) from None
-    return factory(**kwargs)
+        inspect.signature(factory).bind(**kwargs)
+    except TypeError as exc:
+        raise ValueError(f"model {name!r} does not accept the arguments {sorted(kwargs)}: {exc}") from None
+    except ValueError:  # no signature to read (e.g. a builtin): the call tells
+        pass
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model {name!r} returned a {type(model).__name__}, not an nn.Module")
+    return model

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import kernels as K
-from .convert import call_order
+from .graph import call_order
 from .masks import masked_layers
 
 MASK_CRITERIA = ("random", "magnitude", "snip")

@@ -107,7 +107,7 @@ class MaskedLayer:
         self.split_mode = split_mode
         self.split_rate = K.check_split_rate(split_rate)
         self.layer_index = int(layer_index)
-        self.ke_seed = K.rng.check_seed(seed)  # the run seed: later resets draw from it
+        self.ke_seed = K.check_seed(seed)  # the run seed: later resets draw from it
         self.mode = "dense"
         self._check_words(words)
         self.register_buffer("fit_mask", words.to(self.weight.device), persistent=True)

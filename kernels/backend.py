@@ -12,11 +12,22 @@ from types import ModuleType
 
 _ext: ModuleType | None = None
 _ext_error: str | None = None
+_interpreting: bool | None = None
 
 
 def interpreting() -> bool:
-    """True when Triton kernels run under the CPU interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when Triton kernels run under the CPU interpreter (``TRITON_INTERPRET=1``, which Triton itself
+    reads when a kernel is defined: set it before ke_fast is imported). Read once; :func:`reload` reads again."""
+    global _interpreting
+    if _interpreting is None:
+        _interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _interpreting
+
+
+def reload() -> None:
+    """Forget the environment read by :func:`interpreting` (``ke_fast.ops.reload_settings`` calls this)."""
+    global _interpreting
+    _interpreting = None
 
 
 def _build_tag(source: Path) -> str:

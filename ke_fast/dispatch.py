@@ -135,12 +135,11 @@ def exact_dense(op: str, dtype: torch.dtype, fn: Callable[[], torch.Tensor]) -> 
     before = getattr(holder, name)
     if not before:
         return fn()
-    split_k = getattr(holder, f"{name}_split_k", None) if "reduced" in name else None  # keep its second half
     setattr(holder, name, False)
     try:
         return fn()
     finally:
-        setattr(holder, name, before if split_k is None else (before, split_k))
+        setattr(holder, name, before)  # a reduced-precision flag that is on has split-K on as well (torch's rule)
 
 
 DecisionKey = tuple  # (op, weight shape, kept count, geometry, x shape, dtype, device, keeps W*M)

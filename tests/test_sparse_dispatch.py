@@ -285,6 +285,36 @@ def test_extract_sparse_compiles_fullgraph_without_timing(fake_timer):
         torch.testing.assert_close(out.cpu(), ref, **TOL[torch.float32])
 
 
+def test_static_choice_boundaries():
+    assert dispatch.static_choice(dispatch.SPARSE_MAX_ROWS, dispatch.SPARSE_MAX_DENSITY)
+    assert not dispatch.static_choice(dispatch.SPARSE_MAX_ROWS + 1, 0.5)
+    assert not dispatch.static_choice(1, dispatch.SPARSE_MAX_DENSITY + 0.01)
+
+
+@pytest.mark.parametrize("split_rate", [0.5, 0.9])
+def test_static_rule_while_tracing(fake_timer, split_rate):
+    """Without a cached decision, torch.compile's trace takes dispatch.static_choice per layer (nothing timed,
+    nothing cached). _wels_net's GEMM rows at batch 2: conv 3->8 on 8x8 (padding 1) 128, conv 8->8 stride 2
+    18, linear 2; at split rate 0.5 (density <= 0.7) the last two are sparse, at 0.9 none is."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(8 * 3 * 3, 10))
+    ke_fast.split(net, "wels", split_rate, seed=0)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    sparse = ke_fast.extract_sparse(net.eval()).to(TRITON_DEVICE)
+    layers = [m for m in sparse.modules() if isinstance(m, SparseConv2d | SparseLinear)]
+    densities = [kformat.density_of(m.compressed) for m in layers]
+    assert all(d <= dispatch.SPARSE_MAX_DENSITY for d in densities) == (split_rate == 0.5)
+    _, graphs = _graphs_of(sparse, x.to(TRITON_DEVICE))
+    nodes = [str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+    assert fake_timer["calls"] == [] and dispatch.sparse_decisions() == {}
+    triton = HAS_CUDA or INTERPRETING  # elsewhere the implementation is not Triton: every layer dense
+    want = [triton and dispatch.static_choice(rows, d) for rows, d in zip((128, 18, 2), densities)]
+    assert want == ([False, True, True] if triton and split_rate == 0.5 else [False, False, False])
+    assert nodes.count("ke_fast.sparse_conv2d.default") == sum(want[:2])
+    assert nodes.count("ke_fast.sparse_linear.default") == want[2]
+
+
 def test_extract_slim_compiles_fullgraph():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),

@@ -96,19 +96,21 @@ def reload_settings() -> Settings:
 
 # ---- choosing the implementation: the one place ---------------------------------------------------
 
-def legal_implementations(device_type: str, *, interpreting: bool | None = None,
-                          cpp: bool | None = None) -> tuple[str, ...]:
+def legal_implementations(device_type: str, *, interpreting: bool | None = None, cpp: bool | None = None,
+                          triton: bool | None = None) -> tuple[str, ...]:
     """The implementations that can run on tensors of ``device_type`` on this host (the first one is the
     default, except that the interpreter is never the CPU default).
 
     ``cuda``: triton, reference. ``cpu``: cpp (where the C++ kernels build), triton (only under the
-    Triton interpreter), reference. ``interpreting`` / ``cpp`` override what the host says (for tests
-    that reason about other hosts); ``cpp=None`` builds the C++ kernels on first use to find out."""
+    Triton interpreter), reference. Never triton where Triton is not installed. ``interpreting`` / ``cpp`` /
+    ``triton`` (installed) override what the host says (for tests that reason about other hosts);
+    ``cpp=None`` builds the C++ kernels on first use to find out."""
+    triton = backend.has_triton() if triton is None else triton
     if device_type == "cuda":
-        return ("triton", "reference")
+        return ("triton", "reference") if triton else ("reference",)
     if device_type != "cpu":
         return ("reference",)
-    interpreting = backend.interpreting() if interpreting is None else interpreting
+    interpreting = triton and (backend.interpreting() if interpreting is None else interpreting)
     cpp = (backend.cpu_extension() is not None) if cpp is None else cpp
     return (("cpp",) if cpp else ()) + (("triton",) if interpreting else ()) + ("reference",)
 
@@ -131,7 +133,9 @@ def implementation(device_type: str) -> str:
         chosen = want
     else:
         why = ""
-        if want == "triton" and device_type == "cpu":
+        if want == "triton" and not backend.has_triton():
+            why = ": Triton is not installed"
+        elif want == "triton" and device_type == "cpu":
             why = ": Triton on CPU tensors needs TRITON_INTERPRET=1 set before ke_fast is imported"
         elif want == "cpp" and device_type == "cpu":
             why = f": the C++ CPU kernels could not be built ({backend.cpu_extension_error()})"

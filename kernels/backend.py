@@ -16,6 +16,7 @@ from types import ModuleType
 _ext: ModuleType | None = None
 _ext_error: str | None = None
 _interpreting: bool | None = None
+_has_triton: bool | None = None
 
 
 def interpreting() -> bool:
@@ -25,6 +26,19 @@ def interpreting() -> bool:
     if _interpreting is None:
         _interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
     return _interpreting
+
+
+def has_triton() -> bool:
+    """Whether Triton can be imported here (it is not installed on macOS, Windows or a CPU-only venv)."""
+    global _has_triton
+    if _has_triton is None:
+        import importlib.util
+
+        try:
+            _has_triton = importlib.util.find_spec("triton") is not None
+        except (ImportError, ValueError):
+            _has_triton = False
+    return _has_triton
 
 
 def reload() -> None:

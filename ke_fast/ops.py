@@ -19,18 +19,13 @@ sees one opaque node per op and ``torch.library.opcheck`` passes. The kernels in
 functions with one signature per op; nothing outside this file chooses between them. The Triton launchers are
 imported the first time a Triton implementation is chosen, so everything else works where Triton is absent.
 
-Settings: the ``KE_FAST_*`` environment variables are read once, at import, and again by
-:func:`reload_settings` (tests that change them call it); an op call reads none of them.
+The ``KE_FAST_*`` variables are read once, at import and by :func:`reload_settings`, never per op call.
 ``KE_FAST_BACKEND=auto|triton|cpp|reference`` (default ``auto``) is a debug override, read only here and used
 only by :func:`implementation`. It offers only what is legal on the host: Triton on CPU tensors only under
 ``TRITON_INTERPRET=1`` (set before ke_fast is imported), the C++ kernels only on CPU tensors and only
 where they could be built; ``cpp`` runs the reference for ops that have no C++ kernel.
-``KE_FAST_SPARSE=auto|on|off`` (default ``auto``) steers the sparse/dense dispatcher (:mod:`ke_fast.dispatch`).
-
-The timed sparse/dense dispatcher lives in :mod:`ke_fast.dispatch`; its names are still reachable here
-(``ops.sparse_conv2d``, ``ops.sparse_linear``, ``ops.use_sparse``, ``ops.sparse_decisions``,
-``ops.clear_sparse_decisions``, ``ops.save_sparse_decisions``, ``ops.load_sparse_decisions``, ...) as aliases
-kept for one release: reading them works, but patching them here does not reach the dispatcher.
+``KE_FAST_SPARSE=auto|on|off`` steers the sparse/dense dispatcher, :mod:`ke_fast.dispatch`, whose names
+(``ops.sparse_conv2d``, ``ops.save_sparse_decisions``, ...) stay readable here as aliases for one release.
 """
 from __future__ import annotations
 
@@ -58,17 +53,14 @@ OPS: list[str] = []  # every op of the ke_fast namespace, in definition order (f
 
 @dataclass(frozen=True)
 class Settings:
-    """The ``KE_FAST_*`` environment as the ops use it (lower-cased; an empty value means ``auto``). Values
-    are checked where they are used, so a bad one fails the call that needs it, naming the variable."""
+    """``KE_FAST_*`` as the ops use them (lower-cased, empty = auto); checked where used, naming the variable."""
 
     backend: str  # KE_FAST_BACKEND: auto | triton | cpp | reference
     sparse: str  # KE_FAST_SPARSE: auto | on | off
 
 
 def _read_settings() -> Settings:
-    def read(name: str) -> str:
-        return os.environ.get(name, "auto").strip().lower() or "auto"
-
+    read = lambda name: os.environ.get(name, "auto").strip().lower() or "auto"  # noqa: E731
     return Settings(backend=read(ENV), sparse=read(SPARSE_ENV))
 
 
@@ -83,9 +75,8 @@ def settings() -> Settings:
 
 
 def reload_settings() -> Settings:
-    """Read the ``KE_FAST_*`` environment variables (and ``TRITON_INTERPRET``) again and forget every choice
-    made from the old values; returns the new settings. For tests and tools that change the environment
-    after ke_fast was imported: the ops never read it per call."""
+    """Read ``KE_FAST_*`` (and ``TRITON_INTERPRET``) again and forget every choice made from the old values: for
+    tests and tools that change the environment after ke_fast was imported. Returns the new settings."""
     global _settings
     _settings = _read_settings()
     _CHOSEN.clear()
@@ -101,10 +92,9 @@ def legal_implementations(device_type: str, *, interpreting: bool | None = None,
     """The implementations that can run on tensors of ``device_type`` on this host (the first one is the
     default, except that the interpreter is never the CPU default).
 
-    ``cuda``: triton, reference. ``cpu``: cpp (where the C++ kernels build), triton (only under the
-    Triton interpreter), reference. Never triton where Triton is not installed. ``interpreting`` / ``cpp`` /
-    ``triton`` (installed) override what the host says (for tests that reason about other hosts);
-    ``cpp=None`` builds the C++ kernels on first use to find out."""
+    ``cuda``: triton, reference. ``cpu``: cpp (where the C++ kernels build), triton (only under the Triton
+    interpreter), reference; never triton where Triton is not installed. ``interpreting`` / ``cpp`` / ``triton``
+    override what the host says (tests); ``cpp=None`` builds the C++ kernels on first use to find out."""
     triton = backend.has_triton() if triton is None else triton
     if device_type == "cuda":
         return ("triton", "reference") if triton else ("reference",)
@@ -147,10 +137,8 @@ def implementation(device_type: str) -> str:
     return chosen
 
 
-# An op's implementations: a function, or "module.function" of a Triton launcher in ke_fast.kernels (imported
-# the first time that implementation is chosen: Triton is then needed, and only then).
-Impls = dict[str, "Callable | str"]
-_IMPLS: dict[str, Impls] = {}
+# per op, its implementations: a function, or "module.function" of a Triton launcher (imported when first chosen)
+_IMPLS: dict[str, dict[str, Callable | str]] = {}
 
 
 def _kernel(name: str, device_type: str) -> Callable:
@@ -167,10 +155,8 @@ def _kernel(name: str, device_type: str) -> Callable:
 
 
 def _outside_dynamo(fn: Callable) -> Callable:
-    """``fn`` run outside Dynamo's frame evaluation, as torch.library's ``register_kernel`` wraps kernels (a
-    compiled graph that calls the op must not trace into its kernel), but without importing ``torch._dynamo``
-    on the first call: that import took ~2 s in a CPU run that never compiles. Before it is imported nothing
-    can be tracing, so the kernel runs as is; after, under ``torch._dynamo.disable``."""
+    """``fn`` outside Dynamo's frame evaluation, as ``CustomOpDef.register_kernel`` wraps kernels, but without
+    importing ``torch._dynamo`` (seconds) on the first call: before that import nothing can be tracing."""
     disabled: Callable | None = None
 
     def run(*args: Any) -> Any:
@@ -186,13 +172,12 @@ def _outside_dynamo(fn: Callable) -> Callable:
     return run
 
 
-# The device kernels are registered on the dispatcher directly (not with CustomOpDef.register_kernel, whose
-# wrapper imports torch._dynamo on the first call); custom_op still provides the schema, the fake kernel, the
-# autograd kernel and the version bumps of mutated arguments.
+# Device kernels registered on the dispatcher directly (CustomOpDef.register_kernel's wrapper imports torch._dynamo);
+# custom_op still provides the schema, the fake kernel, the autograd kernel and the version bumps of mutated args.
 _IMPL_LIB = torch.library.Library("ke_fast", "IMPL")
 
 
-def _define(name: str, schema: str, impls: Impls, prepare: Callable,
+def _define(name: str, schema: str, impls: dict[str, Callable | str], prepare: Callable,
             mutates: tuple[str, ...] = ()) -> torch.library.CustomOpDef:
     """Define ``ke_fast::<name>`` and register one kernel per device type: ``prepare(*args)`` validates
     and normalises the arguments (it raises before any work), then the chosen implementation runs."""
@@ -453,18 +438,13 @@ def _(x, bits, values, offsets, shape, bias):
 
 
 # ---- the dispatcher's names, kept here as aliases for one release -------------------------------------
-
-_DISPATCH_ALIASES = ("DECISIONS_FORMAT", "SPARSE_MAX_DENSITY", "SPARSE_MAX_ROWS", "clear_sparse_decisions",
-                     "conv_rows", "load_sparse_decisions", "path_seconds", "save_sparse_decisions",
-                     "sparse_conv2d", "sparse_decisions", "sparse_linear", "use_sparse")
+_DISPATCH_ALIASES = ("DECISIONS_FORMAT", "SPARSE_MAX_DENSITY", "SPARSE_MAX_ROWS", "clear_sparse_decisions", "conv_rows",
+                     "load_sparse_decisions", "path_seconds", "save_sparse_decisions", "sparse_conv2d",
+                     "sparse_decisions", "sparse_linear", "use_sparse")
 
 
 def __getattr__(name: str) -> Any:
-    """``ops.sparse_conv2d``, ``ops.save_sparse_decisions``, ...: the names of :mod:`ke_fast.dispatch`, which
-    lived here before it had its own module (read from there; the dispatcher imports this module, so not at
-    import time)."""
+    """``ops.sparse_conv2d`` etc.: read from :mod:`ke_fast.dispatch` (which imports this module: not at import)."""
     if name in _DISPATCH_ALIASES:
-        from . import dispatch
-
-        return getattr(dispatch, name)
+        return getattr(importlib.import_module(f"{__package__}.dispatch"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

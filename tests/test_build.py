@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # a first use that never finds the module built at install, so it builds in TORCH_EXTENSIONS_DIR
 FIRST_USE = ("import sys; from ke_fast.kernels import backend; backend._installed = lambda: None\n"
              "ext = backend.cpu_extension()\n"
-             "print('LOADED' if ext is not None and ext.wels_bits is not None else 'FAILED', backend.cpu_extension_error())\n")
+             "ok = ext is not None and ext.wels_bits is not None\n"
+             "print('LOADED' if ok else 'FAILED', backend.cpu_extension_error())\n")
 
 
 @pytest.fixture

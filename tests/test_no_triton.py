@@ -58,7 +58,8 @@ print('OK', ops.implementation('cpu'))
 def test_cli_run_without_triton(tmp_path):
     out = _python(f"""
 import runpy
-sys.argv = ['ke_fast', 'run', '--generations', '1', '--epochs', '1', '--no-progress', '--out', {str(tmp_path / 'run')!r}]
+sys.argv = ['ke_fast', 'run', '--generations', '1', '--epochs', '1', '--no-progress',
+            '--out', {str(tmp_path / 'run')!r}]
 try:
     runpy.run_module('ke_fast', run_name='__main__')
 except SystemExit as e:

@@ -2,6 +2,10 @@
 # an unpinned torch pulls a multi-GB CUDA build. A machine whose torch already sees a GPU keeps its own
 # torch and triton: there `make test` installs ke_fast alone (no dependencies, no build isolation, no
 # network), so pip never pulls a second, CUDA-less torch.
+# ke_fast's C++ CPU kernels compile during the install, against the torch installed first: hence no build
+# isolation (an isolated build environment has no torch, or pulls one of its own), which needs setuptools,
+# wheel and ninja in the environment, and --use-pep517 (else pip's legacy `setup.py develop` path re-runs
+# pip with isolation). Where the compile fails the install goes on and the kernels build at first use.
 PY ?= python3
 TORCH ?= torch==2.13.0
 WORKERS ?= auto
@@ -11,11 +15,12 @@ HAS_CUDA := $(shell $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_ava
 
 install:
 ifeq ($(HAS_CUDA),1)
-	@echo "CUDA torch found: keeping it; installing ke_fast only"
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	@echo "CUDA torch found: keeping it; installing ke_fast only (its C++ CPU kernels compile now, ~1 min)"
+	$(PY) -m pip install -q --no-deps --no-build-isolation --use-pep517 -e .
 else
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test,bench,demo]"
+	$(PY) -m pip install -q "$(TORCH)" setuptools wheel ninja
+	@echo "installing ke_fast (its C++ CPU kernels compile now, ~1 min)"
+	$(PY) -m pip install -q --no-build-isolation --use-pep517 -e ".[test,bench,demo]"
 endif
 
 # pytest-xdist spreads the suite over the cores (WORKERS=0 runs it in one process); exit 5 ("no tests

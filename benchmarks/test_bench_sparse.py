@@ -18,7 +18,7 @@ each with a random WELS mask (``torch.rand < s``, fixed seed) at split rate s in
   interpreter (``TRITON_INTERPRET=1`` set before ke_fast is imported), one round, and only for cases of at
   most ``INTERPRET_MAX_TILES`` tile steps (the 1x1 conv at batch 1, ~10 s): the interpreter checks the code
   path, it is not a performance figure. Without it, skipped.
-* ``dispatch``: ``ke_fast.ops.sparse_conv2d / sparse_linear``, what ``extract_sparse``'s layers call:
+* ``dispatch``: ``ke_fast.dispatch.sparse_conv2d / sparse_linear``, what ``extract_sparse``'s layers call:
   ``extra_info["dispatch"]`` says what it picked (the Triton kernel, or decompress + dense).
 
 "bytes" (each contender's own minimum traffic) = its weight storage (dense: N*K elements; triton and dispatch:
@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import ke_fast
+from ke_fast import dispatch
 from ke_fast import kernels as K
 from ke_fast import ops
 from ke_fast.kernels import backend as KB
@@ -108,6 +109,14 @@ def _cpu_threads():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _settings():
+    """The ops read KE_FAST_* once: after a test that set KE_FAST_BACKEND (monkeypatch restores the variable
+    before this teardown runs, as this fixture requests none), the next one reads the environment again."""
+    yield
+    ops.reload_settings()
 
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
@@ -200,24 +209,24 @@ def _dispatch_fn(c: dict):
     x, cw, wm = c["x"], c["cw"], c["wm"]
     if c["kind"] == "conv":
         stride, pad = c["stride"], c["pad"]
-        return lambda: ops.sparse_conv2d(x, cw, None, stride, pad, (1, 1), 1, dense=wm)
-    return lambda: ops.sparse_linear(x, cw, None, dense=wm)
+        return lambda: dispatch.sparse_conv2d(x, cw, None, stride, pad, (1, 1), 1, dense=wm)
+    return lambda: dispatch.sparse_linear(x, cw, None, dense=wm)
 
 
 def _choices(fn) -> list[bool]:
     """The dispatcher's choices (True: the Triton sparse kernel) during one call of ``fn``."""
-    real, picked = ops.use_sparse, []
+    real, picked = dispatch.use_sparse, []
 
     def spy(*args, **kwargs):
         picked.append(real(*args, **kwargs))
         return picked[-1]
 
-    ops.use_sparse = spy
+    dispatch.use_sparse = spy
     try:
         with torch.no_grad():
             fn()
     finally:
-        ops.use_sparse = real
+        dispatch.use_sparse = real
     return picked
 
 
@@ -329,6 +338,7 @@ def test_sparse_torch_csr(benchmark, layer, s, batch):
 def test_sparse_triton(benchmark, layer, s, batch, monkeypatch):
     _group(benchmark, layer, s, batch)
     monkeypatch.setenv("KE_FAST_BACKEND", "triton")
+    ops.reload_settings()  # the ops read KE_FAST_* once
     if not CUDA and not INTERPRET:
         pytest.skip("Triton sparse kernel on CPU runs only under the interpreter (TRITON_INTERPRET=1 before "
                     "ke_fast is imported), which is not a performance path")
@@ -363,6 +373,7 @@ def _triton_seconds(key, c: dict) -> float | None:
     if key not in _TRITON_S:
         before = os.environ.get("KE_FAST_BACKEND")
         os.environ["KE_FAST_BACKEND"] = "triton"
+        ops.reload_settings()
         try:
             _TRITON_S[key] = _device_seconds(_triton_fn(c))
         finally:
@@ -370,6 +381,7 @@ def _triton_seconds(key, c: dict) -> float | None:
                 os.environ.pop("KE_FAST_BACKEND")
             else:
                 os.environ["KE_FAST_BACKEND"] = before
+            ops.reload_settings()
     return _TRITON_S[key]
 
 
@@ -428,6 +440,7 @@ def test_sparse_skinny_linear(benchmark, which, name, density, rows, monkeypatch
         if not CUDA:
             pytest.skip("the skinny Triton kernel is timed on CUDA only (the interpreter is no performance path)")
         monkeypatch.setenv("KE_FAST_BACKEND", "triton")
+        ops.reload_settings()
         fn = _triton_fn(c)
     else:
         fn = _dense_fn(c)

@@ -5,7 +5,7 @@
     ke_fast.reinit_(model, generation=2)            # reset hypothesis re-drawn: one fused launch
     with ke_fast.fit_only(model): evaluate(model)   # the fit hypothesis alone
 """
-from . import kernels, ops
+from . import dispatch, kernels, ops
 from .convert import adopt, fit_only, reinit_, revert, set_mode, split
 from .masks import masked_layers, masks
 from .extract import SparseConv2d, SparseLinear, extract_slim, extract_sparse, slim_report
@@ -13,6 +13,6 @@ from .nn import MaskedConv1d, MaskedConv2d, MaskedLayer, MaskedLinear
 from .ops import ReinitPlan, wels_mask_bits
 
 __version__ = "0.1.0"
-__all__ = ["kernels", "ops", "ReinitPlan", "wels_mask_bits", "extract_slim", "extract_sparse", "SparseConv2d",
-           "SparseLinear", "slim_report", "split", "revert", "adopt", "reinit_", "fit_only", "set_mode", "masks",
-           "masked_layers", "MaskedConv1d", "MaskedConv2d", "MaskedLinear", "MaskedLayer"]
+__all__ = ["dispatch", "kernels", "ops", "ReinitPlan", "wels_mask_bits", "extract_slim", "extract_sparse",
+           "SparseConv2d", "SparseLinear", "slim_report", "split", "revert", "adopt", "reinit_", "fit_only", "set_mode",
+           "masks", "masked_layers", "MaskedConv1d", "MaskedConv2d", "MaskedLinear", "MaskedLayer"]

@@ -34,8 +34,8 @@ CROP_TRIES = 10
 def draw_seed(seed: int, generation: int, epoch: int, batch: int = -1) -> int:
     """The seed of one epoch's order (``batch`` -1) or of one batch's augmentation: counter-based, from the
     same splitmix64 streams as the masks and resets."""
-    s = K.rng.stream_id(seed & _M62, generation, epoch)
-    return s & _M62 if batch < 0 else K.rng.stream_id(s & _M62, batch, 0) & _M62
+    s = K.stream_id(seed & _M62, generation, epoch)
+    return s & _M62 if batch < 0 else K.stream_id(s & _M62, batch, 0) & _M62
 
 
 def crop_boxes(u: torch.Tensor, side: int) -> torch.Tensor:

@@ -75,7 +75,7 @@ def split(model: nn.Module, mode: str = "kels", split_rate: float = 0.5, *, seed
     """
     check_mode(mode)
     split_rate = K.check_split_rate(split_rate)
-    K.rng.check_seed(seed)
+    K.check_seed(seed)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if masked_layers(model):
@@ -217,7 +217,7 @@ def adopt(model: nn.Module, attr: str = "mask", *, seed: int = 0) -> nn.Module:
     resets draw from it). Raises, with the model unchanged, when a mask has the wrong shape or
     values other than 0/1, or when no layer carries ``attr``.
     """
-    K.rng.check_seed(seed)
+    K.check_seed(seed)
     found = []
     for name, m in model.named_modules():
         mask = getattr(m, attr, None)

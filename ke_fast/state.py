@@ -66,7 +66,7 @@ class SplitState:
     def __init__(self, mode: str, split_rate: float | None, seed: int) -> None:
         self.mode = mode
         self.split_rate = split_rate
-        self.seed = K.rng.check_seed(seed)
+        self.seed = K.check_seed(seed)
         self._clear()
 
     def _clear(self) -> None:

@@ -1,94 +1,20 @@
-"""Bit masks: pack/unpack bool <-> int32 words, popcount, KELS rule and WELS draw straight into bits.
+"""Bit masks: the WELS draw straight into bits, as a Triton kernel (:func:`wels_bits_`).
 
-Format (shared by every kernel): the weight's contiguous row-major flattening; int32 words; bit ``b``
-of word ``w`` is element ``32*w + b``; tail bits zero; 1 = fit (kept), 0 = reset. One bit per weight,
-32x less than the float32 mask of the official KE code.
+The format (int32 words, bit ``b`` of word ``w`` is element ``32*w + b``, 1 = fit) and every host-side helper
+(pack / unpack, popcount, the KELS rule, the WELS argument check) live in :mod:`.format`, which imports no
+Triton; they are re-exported here under their old names.
 """
 from __future__ import annotations
-
-import math
-from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from . import reference
-from .rng import PURPOSE_MASK, check_seed, philox_group, select4, stream_id
+from .format import (_check_words, check_split_rate, check_wels_args, density, kels_mask_bits,  # noqa: F401
+                     layer_stream, num_words, pack_mask, popcount, unpack_mask, word_popcounts)
+from .rng import philox_group, select4
 
 WELS_WORDS_PER_PROGRAM = 64
-_POPCOUNT8 = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
-
-
-def num_words(numel: int) -> int:
-    """Number of int32 words holding ``numel`` bits."""
-    return (numel + 31) // 32
-
-
-def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Pack a mask (bool, integer or float 0/1 tensor of any shape; non-zero = fit) into int32 words.
-
-    Returns a 1-D int32 tensor of ``ceil(numel / 32)`` words on the mask's device."""
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
-    if mask.is_complex():
-        raise TypeError("mask must be a bool, integer or float tensor, got a complex tensor")
-    return reference.pack_mask(mask)
-
-
-def unpack_mask(bits: torch.Tensor, shape: Sequence[int] | torch.Size) -> torch.Tensor:
-    """Unpack int32 words into a bool tensor of ``shape`` (True = fit)."""
-    shape = torch.Size(shape)
-    _check_words(bits, shape.numel(), "bits")
-    return reference.unpack_mask(bits, shape.numel()).reshape(shape)
-
-
-def word_popcounts(bits: torch.Tensor) -> torch.Tensor:
-    """Set bits of every int32 word, as int64, in the words' shape."""
-    by = bits.contiguous().view(torch.uint8).to(torch.int64)
-    return _POPCOUNT8.to(bits.device)[by].view(*bits.shape, 4).sum(-1)
-
-
-def popcount(bits: torch.Tensor) -> int:
-    """Number of set bits (fit entries) in int32 words (tail bits are zero by the format)."""
-    _check_words(bits, None, "bits")
-    return int(word_popcounts(bits).sum())
-
-
-def density(bits: torch.Tensor, numel: int) -> float:
-    """Fraction of fit entries of a ``numel``-element mask."""
-    _check_words(bits, numel, "bits")
-    return popcount(bits) / numel if numel else 1.0
-
-
-def check_split_rate(split_rate: object) -> float:
-    """Validate a split rate in (0, 1] and return it as a float."""
-    if isinstance(split_rate, bool) or not isinstance(split_rate, (int, float)):
-        raise TypeError(f"split_rate must be a number in (0, 1], got {type(split_rate).__name__}")
-    if not (0.0 < float(split_rate) <= 1.0):
-        raise ValueError(f"split_rate must be in (0, 1], got {split_rate}")
-    return float(split_rate)
-
-
-def kels_mask_bits(shape: Sequence[int] | torch.Size, split_rate: float, *, keep_all_inputs: bool = False,
-                   keep_all_outputs: bool = False, device: torch.device | str = "cpu") -> torch.Tensor:
-    """KELS mask words for a weight of ``shape`` = (C_out, C_in, *kernel) (or (C_out,) for a bias).
-
-    Fit = the first ``ceil(split_rate * C_out)`` filters x the first ``ceil(split_rate * C_in)`` input
-    channels (all inputs with ``keep_all_inputs`` — the layer reading the network input; all outputs
-    with ``keep_all_outputs`` — the classifier)."""
-    shape = torch.Size(shape)
-    s = check_split_rate(split_rate)
-    if len(shape) < 1 or any(d < 0 for d in shape):
-        raise ValueError(f"shape must have at least one non-negative dimension, got {tuple(shape)}")
-    mask = torch.zeros(shape, dtype=torch.bool, device=device)
-    c_out = shape[0] if keep_all_outputs else math.ceil(s * shape[0])
-    if len(shape) == 1:
-        mask[:c_out] = True
-    else:
-        c_in = shape[1] if keep_all_inputs else math.ceil(s * shape[1])
-        mask[:c_out, :c_in] = True
-    return reference.pack_mask(mask)
 
 
 @triton.jit
@@ -119,28 +45,3 @@ def wels_bits_(out: torch.Tensor, numel: int, seed: int, stream: int, threshold:
     if out.numel():
         bw = WELS_WORDS_PER_PROGRAM
         _wels_bits_kernel[(triton.cdiv(out.numel(), bw),)](out, numel, seed, stream, threshold, BW=bw)
-
-
-def check_wels_args(shape: Sequence[int] | torch.Size, split_rate: float, seed: int, stream: int) -> tuple[int, int]:
-    """Validate a WELS draw; return (numel, integer threshold)."""
-    shape = torch.Size(shape)
-    s = check_split_rate(split_rate)
-    check_seed(seed)
-    try:
-        check_seed(stream)  # same range as a seed
-    except (TypeError, ValueError) as exc:
-        raise type(exc)(str(exc).replace("seed", "stream")) from None
-    return shape.numel(), reference.wels_threshold(s)
-
-
-def layer_stream(generation: int, layer: int) -> int:
-    """The mask stream of ``layer`` in ``generation`` (0 for a fixed mask)."""
-    return stream_id(PURPOSE_MASK, generation, layer)
-
-
-def _check_words(bits: object, numel: int | None, name: str) -> None:
-    if not isinstance(bits, torch.Tensor) or bits.dtype != torch.int32 or bits.dim() != 1:
-        got = f"{bits.dtype} tensor of shape {tuple(bits.shape)}" if isinstance(bits, torch.Tensor) else type(bits).__name__
-        raise TypeError(f"{name} must be a 1-D int32 tensor of packed words, got {got}")
-    if numel is not None and bits.numel() != num_words(numel):
-        raise ValueError(f"{name} has {bits.numel()} words, expected {num_words(numel)} for {numel} elements")

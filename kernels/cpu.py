@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from . import backend, reference
-from .rng import as_int64
+from .streams import as_int64
 
 
 def apply_mask(x: torch.Tensor, words: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

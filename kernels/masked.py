@@ -15,15 +15,13 @@ import torch
 import triton
 import triton.language as tl
 
-from . import backend
-from .bitmask import num_words
+# the host side (no Triton), re-exported under the old names
+from .launch import GPU_BLOCK, TABLE_COLUMNS, block_size, check_args, check_many, masks_table  # noqa: F401
+from .launch import MASK_DTYPES as DTYPES  # noqa: F401
 from .reinit import addressed
 from .rng import cast_rtne
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-GPU_BLOCK = 2048
 GPU_NUM_WARPS = 8
-TABLE_COLUMNS = 5  # a masks table row: (w_off, m_off, numel, out_off, first tile)
 
 
 @triton.jit
@@ -72,20 +70,6 @@ def _masked_multi_kernel(out_ptr, w_base, m_base, meta, tile_tensor, BLOCK: tl.c
     tl.store(out_ptr + out_off + offs, _cast_out(x, out_ptr.dtype.element_ty), mask=inb)
 
 
-def check_args(x: torch.Tensor, words: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
-    """Validate the arguments of a masked weight (every implementation's contract); return the output dtype."""
-    dtype = x.dtype if dtype is None else dtype
-    if x.dtype not in DTYPES or dtype not in DTYPES:
-        raise TypeError(f"masked weight supports float32/float16/bfloat16/float64, got weight {x.dtype} -> "
-                        f"dtype {dtype}")
-    if words.dtype != torch.int32 or words.dim() != 1 or words.numel() != num_words(x.numel()):
-        raise ValueError(f"words must be {num_words(x.numel())} int32 packed words for {x.numel()} elements, "
-                         f"got {words.dtype} of shape {tuple(words.shape)}")
-    if words.device != x.device:
-        raise ValueError(f"words is on {words.device}, weight on {x.device}")
-    return dtype
-
-
 def apply_mask(x: torch.Tensor, words: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Triton: a new contiguous tensor ``(x * M).to(dtype)``, M unpacked from ``words`` (1 = keep).
 
@@ -96,45 +80,6 @@ def apply_mask(x: torch.Tensor, words: torch.Tensor, dtype: torch.dtype) -> torc
         block = block_size()
         _masked_kernel[(triton.cdiv(x.numel(), block),)](out, x, words, x.numel(), BLOCK=block, num_warps=GPU_NUM_WARPS)
     return out
-
-
-def block_size() -> int:
-    """Elements per program: 256 under the interpreter (odd test shapes span several tiles), else GPU_BLOCK."""
-    return 256 if backend.interpreting() else GPU_BLOCK
-
-
-def check_many(xs: list[torch.Tensor], words: list[torch.Tensor], dtype: torch.dtype) -> None:
-    """Validate the arguments of a multi-tensor masked weight: at least one tensor; contiguous inputs of one
-    dtype and device, each with its mask words (:func:`check_args`)."""
-    if not xs or len(xs) != len(words):
-        raise ValueError(f"masked weights need one words tensor per weight, at least one: got {len(xs)} weights, "
-                         f"{len(words)} words")
-    for i, (x, w) in enumerate(zip(xs, words)):
-        if x.dtype != xs[0].dtype or x.device != xs[0].device:
-            raise ValueError(f"weights[{i}] is {x.dtype} on {x.device}, weights[0] {xs[0].dtype} on {xs[0].device}: "
-                             f"one launch takes one dtype and device")
-        if not x.is_contiguous() or not w.is_contiguous():
-            raise ValueError(f"weights[{i}] and words[{i}] must be contiguous")
-        check_args(x, w, dtype)
-
-
-def masks_table(numels: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(table, tiles) of a multi-tensor masked weight over tensors of these sizes, on ``device``.
-
-    table: int64 [T, 5] rows (0, 0, numel, out_off, first tile); the Triton launcher fills the first two
-    columns from the tensors it is given (:func:`.reinit.addressed`). tiles: int32 [n_tiles], the row of
-    each tile. Empty tensors get no tile. The CPU kernels read numel and out_off only."""
-    block = block_size()
-    rows, counts, out_off, first = [], [], 0, 0
-    for n in numels:
-        nt = triton.cdiv(n, block)
-        rows.append([0, 0, n, out_off, first])
-        counts.append(nt)
-        out_off += n
-        first += nt
-    table = torch.tensor(rows, dtype=torch.int64).reshape(len(numels), TABLE_COLUMNS).to(device)
-    tiles = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), torch.tensor(counts)).to(device)
-    return table, tiles
 
 
 def apply_masks(xs: list[torch.Tensor], words: list[torch.Tensor], table: torch.Tensor, tiles: torch.Tensor,

@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .rng import splitmix64_host
+from .streams import splitmix64_host
 
 M32 = 0xFFFFFFFF
 M64 = (1 << 64) - 1

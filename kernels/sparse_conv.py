@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -33,89 +32,10 @@ import triton
 import triton.language as tl
 
 from . import backend, reference
-from .bitmask import word_popcounts
-from .reference import pack_mask
+# the format's host side (no Triton), re-exported under the old names
+from .format import (CHUNK_WORDS, DTYPES, Compressed, _chunk_offsets, check_conv_args,  # noqa: F401
+                     check_linear_args, compress, conv_out_size, decompress, density_of, gemm_order)
 from .rng import cast_rtne
-
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-CHUNK_WORDS = 8
-
-
-@dataclass
-class Compressed:
-    """A conv/linear weight in the compressed WELS format (see the module docstring)."""
-
-    shape: tuple[int, ...]  # the dense weight's shape: (N, C/groups, R, S) or (N, K)
-    bits: torch.Tensor  # int32 [N, T]
-    values: torch.Tensor  # [nnz]
-    offsets: torch.Tensor  # int64 [N, ceil(T / 8)]
-
-    @property
-    def k(self) -> int:
-        return math.prod(self.shape[1:])
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.bits, self.values, self.offsets))
-
-    def validate(self) -> "Compressed":
-        """Check shapes, dtypes and that offsets and values agree with the bits; raise ValueError if not."""
-        n, k = self.shape[0], self.k
-        t = (k + 31) // 32
-        if self.bits.dtype != torch.int32 or tuple(self.bits.shape) != (n, t):
-            raise ValueError(f"compressed bits must be int32 of shape {(n, t)}, got {self.bits.dtype} "
-                             f"{tuple(self.bits.shape)}")
-        if self.offsets.dtype != torch.int64 or tuple(self.offsets.shape) != (n, triton.cdiv(t, CHUNK_WORDS)):
-            raise ValueError(f"compressed offsets must be int64 of shape {(n, triton.cdiv(t, CHUNK_WORDS))}, got "
-                             f"{self.offsets.dtype} {tuple(self.offsets.shape)}")
-        if self.values.dtype not in DTYPES or self.values.dim() != 1:
-            raise ValueError(f"compressed values must be a 1-D fp32/fp16/bf16 tensor, got {self.values.dtype} "
-                             f"{tuple(self.values.shape)}")
-        tail = k % 32
-        if tail and bool(((self.bits[:, -1].to(torch.int64) & 0xFFFFFFFF) >> tail).any()):
-            raise ValueError("compressed bits have bits set beyond the row length")
-        counts = word_popcounts(self.bits)
-        if int(counts.sum()) != self.values.numel():
-            raise ValueError(f"compressed values hold {self.values.numel()} entries, the bits keep {int(counts.sum())}")
-        if not torch.equal(_chunk_offsets(counts), self.offsets):
-            raise ValueError("compressed offsets do not match the bits")
-        return self
-
-
-def _chunk_offsets(counts: torch.Tensor) -> torch.Tensor:
-    """offsets [N, C] from the per-word popcounts [N, T]: exclusive prefix in chunk-major order."""
-    n, t = counts.shape
-    chunks = triton.cdiv(t, CHUNK_WORDS)
-    per_chunk = torch.nn.functional.pad(counts, (0, chunks * CHUNK_WORDS - t)).view(n, chunks, CHUNK_WORDS).sum(-1)
-    flat = per_chunk.t().reshape(-1)  # chunk-major: (c, n)
-    start = torch.cumsum(flat, 0) - flat
-    return start.view(chunks, n).t().contiguous()
-
-
-def gemm_order(w: torch.Tensor) -> torch.Tensor:
-    """[N, C, R, S] -> [N, R*S*C] (implicit-GEMM order); [N, K] unchanged."""
-    return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1) if w.dim() == 4 else w.reshape(w.shape[0], -1)
-
-
-def compress(weight: torch.Tensor, mask: torch.Tensor) -> Compressed:
-    """Compress ``weight`` (conv [N, C, R, S] or linear [N, K]) keeping the entries where ``mask`` (bool,
-    the weight's shape) is True."""
-    if mask.shape != weight.shape or mask.dtype != torch.bool:
-        raise ValueError(f"mask must be a bool tensor of the weight's shape {tuple(weight.shape)}")
-    if weight.dtype not in DTYPES:
-        raise TypeError(f"weight must be fp32/fp16/bf16, got {weight.dtype}")
-    w2, m2 = gemm_order(weight), gemm_order(mask)
-    n, k = w2.shape
-    t = (k + 31) // 32
-    padded = torch.zeros(n, t * 32, dtype=torch.bool, device=mask.device)
-    padded[:, :k] = m2
-    bits = pack_mask(padded).view(n, t)
-    values = reference.chunk_major(w2)[reference.chunk_major(m2)]
-    return Compressed(tuple(weight.shape), bits, values.contiguous(), _chunk_offsets(word_popcounts(bits)))
-
-
-def decompress(cw: Compressed) -> torch.Tensor:
-    """The dense weight W*M in its original layout."""
-    return reference.decompress(cw.bits, cw.values, cw.shape)
 
 
 @triton.jit
@@ -420,34 +340,6 @@ def _upcast(dtype: torch.dtype) -> bool:
     return backend.interpreting() and dtype == torch.bfloat16
 
 
-def conv_out_size(x_shape: Sequence[int], shape: Sequence[int], stride: Sequence[int], padding: Sequence[int],
-                  dilation: Sequence[int]) -> tuple[int, int, int, int]:
-    """(B, N, OH, OW) of a conv2d of an input of ``x_shape`` with a weight of ``shape``."""
-    n_out, _, r, s = shape
-    oh = (x_shape[2] + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
-    ow = (x_shape[3] + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
-    return x_shape[0], n_out, oh, ow
-
-
-def check_conv_args(x: torch.Tensor, shape: Sequence[int], groups: int) -> None:
-    """Validate a sparse conv2d call (every implementation's contract)."""
-    n_out, c_g = shape[0], shape[1]
-    if x.dim() != 4 or x.shape[1] != c_g * groups:
-        raise ValueError(f"x must be [B, {c_g * groups}, H, W], got {tuple(x.shape)}")
-    if groups not in (1, x.shape[1]) or (groups > 1 and n_out != groups):
-        raise ValueError(f"sparse conv supports groups=1 and depthwise (groups = C_in = C_out), got groups={groups}")
-    if x.dtype not in DTYPES:
-        raise TypeError(f"x must be fp32/fp16/bf16, got {x.dtype}")
-
-
-def check_linear_args(x: torch.Tensor, shape: Sequence[int]) -> None:
-    """Validate a sparse linear call."""
-    if x.dim() < 1 or x.shape[-1] != shape[1]:
-        raise ValueError(f"x must end in {shape[1]} features, got {tuple(x.shape)}")
-    if x.dtype not in DTYPES:
-        raise TypeError(f"x must be fp32/fp16/bf16, got {x.dtype}")
-
-
 def sparse_conv2d(x: torch.Tensor, bits: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
                   shape: Sequence[int], bias: torch.Tensor | None, stride: Sequence[int], padding: Sequence[int],
                   dilation: Sequence[int], groups: int, *, config: triton.Config | None = None,
@@ -512,8 +404,3 @@ def sparse_linear(x: torch.Tensor, bits: torch.Tensor, values: torch.Tensor, off
                                       HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
                                       UPCAST=_upcast(x.dtype))
     return out.view(*x.shape[:-1], n_out)
-
-
-def density_of(cw: Compressed) -> float:
-    """Fraction of kept weights (from the number of values: no device sync)."""
-    return cw.values.numel() / max(1, cw.shape[0] * cw.k)

@@ -35,6 +35,7 @@ if HAS_CUDA:
 
 import pytest  # noqa: E402
 
+from ke_fast import ops  # noqa: E402
 from ke_fast.ops import legal_implementations  # noqa: E402
 
 # Per-dtype tolerances (one table for the whole suite), FlagGems style.
@@ -66,11 +67,22 @@ class Impl(NamedTuple):
     device: str  # where the test's tensors live
 
 
+@pytest.fixture(autouse=True)
+def _settings():
+    """The ops read KE_FAST_* once (ops.reload_settings re-reads them): every test starts from the environment
+    as it is, and after it (this fixture requests no other, so it is torn down after monkeypatch has restored
+    the environment) the next test does too. A test that sets a KE_FAST_* variable calls ops.reload_settings()."""
+    ops.reload_settings()
+    yield
+    ops.reload_settings()
+
+
 @pytest.fixture(params=PAIRS, ids=[f"{n}-{d}" for n, d in PAIRS])
 def impl(request, monkeypatch):
     """Run a test once per (implementation, device) pair legal on this host; tensors go on ``impl.device``."""
     name, device = request.param
     monkeypatch.setenv("KE_FAST_BACKEND", name)
+    ops.reload_settings()
     return Impl(name, device)
 
 

@@ -7,6 +7,7 @@ import torch
 import ke_fast.kernels as K
 from ke_fast import wels_mask_bits
 from ke_fast.kernels import reference as R
+from ke_fast.ops import reload_settings
 
 from conftest import PAIRS
 
@@ -69,9 +70,11 @@ def test_kels_bias_vector():
 @pytest.mark.parametrize("rate", [0.5, 0.1, 1.0])
 def test_wels_same_bits_on_every_implementation(shape, rate, monkeypatch):
     monkeypatch.setenv("KE_FAST_BACKEND", "reference")
+    reload_settings()
     want = wels_mask_bits(shape, rate, seed=11, stream=K.layer_stream(0, 3), device="cpu")
     for name, device in PAIRS:
         monkeypatch.setenv("KE_FAST_BACKEND", name)
+        reload_settings()
         got = wels_mask_bits(shape, rate, seed=11, stream=K.layer_stream(0, 3), device=device)
         assert got.device.type == device
         assert torch.equal(got.cpu(), want), f"{name} on {device}"

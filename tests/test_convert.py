@@ -15,6 +15,7 @@ import ke_fast
 import ke_fast.kernels as K
 from ke_fast import MaskedConv2d, MaskedLayer, MaskedLinear
 from ke_fast.models import MLP, DenseNetTiny, resnet18, resnet50
+from ke_fast.ops import reload_settings
 from ke_fast.state import split_state
 
 from conftest import PAIRS
@@ -182,6 +183,7 @@ def test_wels_independent_of_implementation_and_device(monkeypatch):
     out = {}
     for name, device in PAIRS:
         monkeypatch.setenv("KE_FAST_BACKEND", name)
+        reload_settings()
         torch.manual_seed(0)
         model = MLP(in_features=20, hidden=(17, 9), num_classes=5).to(device)
         out[name, device] = {k: v.cpu() for k, v in ke_fast.masks(ke_fast.split(model, "wels", 0.5, seed=3)).items()}

@@ -1,7 +1,7 @@
 """extract_slim (KELS slim network) and extract_sparse (WELS compressed network): both must compute what the
 fit-only forward of the split model computes (eval mode, BatchNorm statistics from a few train-mode
 forwards), be plain / sparse modules without any MaskedLayer, and (sparse) survive a state_dict round trip
-and refuse corrupt checkpoints. Also the sparse/dense dispatcher ``ke_fast.ops.use_sparse``."""
+and refuse corrupt checkpoints. Also the sparse/dense dispatcher ``ke_fast.dispatch.use_sparse``."""
 import io
 
 import pytest
@@ -12,7 +12,8 @@ import ke_fast
 from ke_fast import MaskedLayer, SparseConv2d, SparseLinear
 from ke_fast.extract import count_macs, count_params, extract_slim, extract_sparse, slim_report
 from ke_fast.models import MLP, DenseNetTiny, resnet18, resnet50
-from ke_fast.ops import use_sparse
+from ke_fast.dispatch import use_sparse
+from ke_fast.ops import reload_settings
 
 from conftest import DEVICE, PAIRS, TOL, Impl
 from test_convert import Conv2dSameLike, StdConv2dLike
@@ -26,6 +27,7 @@ def _reference_backend(monkeypatch):
     extraction, not kernels (test_extract_sparse_equals_fit_only runs the kernels on every device)."""
     monkeypatch.setenv("KE_FAST_BACKEND", "reference")
     monkeypatch.delenv("KE_FAST_SPARSE", raising=False)
+    reload_settings()
 
 
 def build(name, seed=0):
@@ -155,14 +157,14 @@ def test_extract_slim_unsplit_raises():
 def spy(monkeypatch):
     """Records which path (triton / reference) the dispatcher chose for each sparse conv / linear call."""
     calls = []
-    real = ke_fast.ops.use_sparse
+    real = ke_fast.dispatch.use_sparse
 
     def use_sparse_spy(*a, **kw):
         sparse = real(*a, **kw)
         calls.append("triton" if sparse else "reference")
         return sparse
 
-    monkeypatch.setattr(ke_fast.ops, "use_sparse", use_sparse_spy)
+    monkeypatch.setattr(ke_fast.dispatch, "use_sparse", use_sparse_spy)
     return calls
 
 
@@ -179,6 +181,7 @@ def test_extract_sparse_equals_fit_only(name, mode, sparse_env, pair, monkeypatc
     model, x = model.to(impl.device), x.to(impl.device)
     monkeypatch.setenv("KE_FAST_BACKEND", impl.name)
     monkeypatch.setenv("KE_FAST_SPARSE", sparse_env)
+    reload_settings()
     assert nontrivial_bn(model)
     ref = fit_forward(model, x)
     sparse = extract_sparse(model)
@@ -350,6 +353,7 @@ TRITON_DEVICE = torch.device(DEVICE)  # where Triton runs on this host: CUDA, or
 def test_use_sparse_cpp_never(monkeypatch, sparse_env):
     monkeypatch.setenv("KE_FAST_BACKEND", "cpp")
     monkeypatch.setenv("KE_FAST_SPARSE", sparse_env)
+    reload_settings()
     assert use_sparse(1, 0.1, CPU) is False
     assert use_sparse(10_000, 1.0, CPU) is False
 
@@ -358,15 +362,19 @@ def test_use_sparse_respects_env(monkeypatch):
     dev = TRITON_DEVICE
     monkeypatch.setenv("KE_FAST_BACKEND", "triton")
     monkeypatch.setenv("KE_FAST_SPARSE", "off")
+    reload_settings()
     assert use_sparse(1, 0.1, dev) is False
     monkeypatch.setenv("KE_FAST_SPARSE", "on")
+    reload_settings()
     assert use_sparse(1, 0.1, dev) is True
     assert use_sparse(10_000, 1.0, dev) is True
     monkeypatch.setenv("KE_FAST_SPARSE", "auto")
+    reload_settings()
     assert use_sparse(1, 0.5, dev) is True
     assert use_sparse(10_000, 0.5, dev) is False
     assert use_sparse(1, 0.95, dev) is False
     monkeypatch.delenv("KE_FAST_SPARSE")
+    reload_settings()
     assert use_sparse(1, 0.5, dev) is True
 
 
@@ -374,5 +382,6 @@ def test_use_sparse_respects_env(monkeypatch):
 def test_use_sparse_bogus_env_raises(monkeypatch, pair):
     monkeypatch.setenv("KE_FAST_BACKEND", pair[0])
     monkeypatch.setenv("KE_FAST_SPARSE", "bogus")
+    reload_settings()
     with pytest.raises(ValueError, match="KE_FAST_SPARSE"):
         use_sparse(1, 0.5, torch.device(pair[1]))

@@ -117,6 +117,7 @@ def test_legal_implementations():
 
 def test_default_is_host_default(monkeypatch):
     monkeypatch.delenv("KE_FAST_BACKEND", raising=False)
+    ops.reload_settings()
     assert ops.implementation("cuda") == "triton"
     assert ops.implementation("cpu") == ("cpp" if backend.cpu_extension() is not None else "reference")
 
@@ -124,6 +125,7 @@ def test_default_is_host_default(monkeypatch):
 def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
     monkeypatch.setattr(backend, "interpreting", lambda: False)
     monkeypatch.setenv("KE_FAST_BACKEND", "triton")
+    ops.reload_settings()
     w = torch.randn(4, 40)
     with pytest.raises(RuntimeError, match="KE_FAST_BACKEND=triton.*TRITON_INTERPRET"):
         ops.masked_weight(w, K.pack_mask(torch.ones(4, 40)))
@@ -131,6 +133,7 @@ def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
 
 def test_cpp_on_cuda_is_refused(monkeypatch):
     monkeypatch.setenv("KE_FAST_BACKEND", "cpp")
+    ops.reload_settings()
     with pytest.raises(RuntimeError, match="KE_FAST_BACKEND=cpp.*CPU tensors only"):
         ops.implementation("cuda")
 
@@ -139,14 +142,17 @@ def test_cpp_unbuildable_is_refused_with_the_reason(monkeypatch):
     monkeypatch.setattr(backend, "cpu_extension", lambda: None)
     monkeypatch.setattr(backend, "cpu_extension_error", lambda: "OSError: no compiler")
     monkeypatch.setenv("KE_FAST_BACKEND", "cpp")
+    ops.reload_settings()
     with pytest.raises(RuntimeError, match="could not be built.*no compiler"):
         ops.implementation("cpu")
     monkeypatch.setenv("KE_FAST_BACKEND", "auto")
+    ops.reload_settings()
     assert ops.implementation("cpu") == "reference"  # the production fallback
 
 
 def test_unknown_override_is_refused(monkeypatch):
     monkeypatch.setenv("KE_FAST_BACKEND", "cpu")  # the old spelling: cpp now
+    ops.reload_settings()
     with pytest.raises(ValueError, match="KE_FAST_BACKEND must be one of auto, triton, cpp, reference"):
         ops.implementation("cpu")
 

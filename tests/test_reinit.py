@@ -14,6 +14,7 @@ import ke_fast.kernels as K
 from ke_fast import ReinitPlan, wels_mask_bits
 from ke_fast.kernels import reference as R
 from ke_fast.kernels.rng import philox_group, select4, uniform_pm1
+from ke_fast.ops import reload_settings
 
 from conftest import DEVICE, DTYPES, PAIRS, Impl, ulp_distance
 
@@ -41,6 +42,7 @@ def make_layers(dtype, device=DEVICE, mode="wels"):
 
 def run(impl, dtype, init, monkeypatch, mode="wels", generation=2):
     monkeypatch.setenv("KE_FAST_BACKEND", impl.name)
+    reload_settings()
     ws, ms, fans = make_layers(dtype, device=impl.device, mode=mode)
     before = [w.clone() for w in ws]
     reset_(ws, ms, seed=5, generation=generation, init=init, fans=fans)
@@ -241,6 +243,7 @@ def test_bad_input_raises_before_writing(case):
 
 def test_unknown_backend_env(monkeypatch):
     monkeypatch.setenv("KE_FAST_BACKEND", "fpga")
+    reload_settings()
     w = torch.ones(4, 4)
     with pytest.raises(ValueError, match="KE_FAST_BACKEND"):
         reset_([w], [torch.zeros(4, 4)], seed=0, generation=1)
@@ -262,6 +265,7 @@ def test_tensor_beyond_2_31_elements_cpu_path(monkeypatch):
     path resets the words around element 2^31 and the tail with the reference's values, and skips
     the all-fit words elsewhere (so this runs in a second)."""
     monkeypatch.setenv("KE_FAST_BACKEND", "cpp")
+    reload_settings()
     n = (1 << 31) + 100
     w = torch.empty(n, dtype=torch.float16)
     words = torch.full((K.num_words(n),), -1, dtype=torch.int32)  # all fit

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ke_fast.kernels import sparse_conv as sc
+from ke_fast.ops import reload_settings
 
 from conftest import DEVICE, DTYPES, PAIRS, TOL, Impl
 
@@ -20,6 +21,7 @@ SPARSE_PAIRS = [p for p in PAIRS if p[0] != "cpp"]  # the sparse ops have no C++
 def impl(request, monkeypatch):
     name, device = request.param
     monkeypatch.setenv("KE_FAST_BACKEND", name)
+    reload_settings()
     return Impl(name, device)
 
 

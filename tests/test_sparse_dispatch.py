@@ -1,9 +1,9 @@
-"""The sparse/dense dispatcher (``ke_fast.ops.sparse_conv2d / sparse_linear``): decisions timed on first use and
+"""The sparse/dense dispatcher (``ke_fast.dispatch.sparse_conv2d / sparse_linear``): decisions timed on first use and
 cached per (layer, input shape, dtype, device), cleared, saved and loaded; no timing while torch.compile traces;
 the dense path's kept W*M (decompressed once per layer); and extract_sparse / extract_slim networks compiled
 with fullgraph=True (no graph break).
 
-Timing is replaced by a fake (``ops.path_seconds``) where a test is about the cache, so decisions do not
+Timing is replaced by a fake (``dispatch.path_seconds``) where a test is about the cache, so decisions do not
 depend on this host's speed; one test times for real."""
 import json
 
@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import ke_fast
-from ke_fast import SparseConv2d, SparseLinear, ops
+from ke_fast import SparseConv2d, SparseLinear, dispatch, ops
+from ke_fast.kernels import format as kformat
 from ke_fast.kernels import sparse_conv as sc
 
 from conftest import DEVICE, HAS_CUDA, INTERPRETING, TOL
@@ -26,14 +27,15 @@ needs_triton = pytest.mark.skipif(not (HAS_CUDA or INTERPRETING), reason="Triton
 def _fresh(monkeypatch):
     monkeypatch.setenv("KE_FAST_BACKEND", "triton" if (HAS_CUDA or INTERPRETING) else "reference")
     monkeypatch.setenv("KE_FAST_SPARSE", "auto")
-    ops.clear_sparse_decisions()
+    ops.reload_settings()
+    dispatch.clear_sparse_decisions()
     yield
-    ops.clear_sparse_decisions()
+    dispatch.clear_sparse_decisions()
 
 
 @pytest.fixture
 def fake_timer(monkeypatch):
-    """ops.path_seconds replaced: ``times[path]`` seconds for path "run_sparse" / "run_dense"; ``calls`` lists
+    """dispatch.path_seconds replaced: ``times[path]`` seconds for path "run_sparse" / "run_dense"; ``calls`` lists
     the paths timed."""
     state = {"times": {"run_sparse": 1.0, "run_dense": 2.0}, "calls": []}
 
@@ -41,7 +43,7 @@ def fake_timer(monkeypatch):
         state["calls"].append(fn.__name__)
         return state["times"][fn.__name__]
 
-    monkeypatch.setattr(ops, "path_seconds", path_seconds)
+    monkeypatch.setattr(dispatch, "path_seconds", path_seconds)
     return state
 
 
@@ -56,46 +58,47 @@ def _linear_case(k=70, n=9, rows=1, density=0.5, dtype=torch.float32, seed=0, de
 @needs_triton
 def test_decision_cached_per_shape_and_dtype_and_cleared(fake_timer):
     x, cw, wm = _linear_case()
-    out = ops.sparse_linear(x, cw)
+    out = dispatch.sparse_linear(x, cw)
     torch.testing.assert_close(out, F.linear(x, wm), **TOL[torch.float32])
     assert fake_timer["calls"] == ["run_sparse", "run_dense"]
-    assert list(ops.sparse_decisions().values()) == ["sparse"]
-    ops.sparse_linear(x, cw)
+    assert list(dispatch.sparse_decisions().values()) == ["sparse"]
+    dispatch.sparse_linear(x, cw)
     assert len(fake_timer["calls"]) == 2  # cached: not timed again
     fake_timer["times"] = {"run_sparse": 3.0, "run_dense": 2.0}
     x3 = torch.cat([x, x, x])
-    torch.testing.assert_close(ops.sparse_linear(x3, cw), F.linear(x3, wm), **TOL[torch.float32])
+    torch.testing.assert_close(dispatch.sparse_linear(x3, cw), F.linear(x3, wm), **TOL[torch.float32])
     assert len(fake_timer["calls"]) == 4  # another row count: another decision
-    ops.sparse_linear(x.half(), cw)
+    dispatch.sparse_linear(x.half(), cw)
     assert len(fake_timer["calls"]) == 6  # another dtype: another decision
-    decisions = ops.sparse_decisions()
+    decisions = dispatch.sparse_decisions()
     assert sorted(decisions.values()) == ["dense", "dense", "sparse"]
     keys = sorted(decisions)
     assert any("|x1x70|float32|" in k for k in keys) and any("|x3x70|float32|" in k for k in keys)
     assert any("|x1x70|float16|" in k for k in keys)
     assert all(f"|{x.device}|" in k for k in keys)
-    ops.clear_sparse_decisions()
-    assert ops.sparse_decisions() == {}
-    ops.sparse_linear(x, cw)
+    dispatch.clear_sparse_decisions()
+    assert dispatch.sparse_decisions() == {}
+    dispatch.sparse_linear(x, cw)
     assert len(fake_timer["calls"]) == 8  # cleared: timed again
 
 
 def test_decision_key_names_the_device():
     x, cw, _ = _linear_case(device="cpu")
     other = "cuda:0" if HAS_CUDA else "meta"
-    keys = {ops._key_str(ops._decision_key("linear", cw, x.to(d), True)) for d in ("cpu", other)}
+    keys = {dispatch._key_str(dispatch._decision_key("linear", cw, x.to(d), True)) for d in ("cpu", other)}
     assert len(keys) == 2 and {k.split("|")[6] for k in keys} == {"cpu", other}
-    assert all(ops._key_str(ops._key_from_str(k)) == k for k in keys)
+    assert all(dispatch._key_str(dispatch._key_from_str(k)) == k for k in keys)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device next to the CPU")
 def test_decision_per_device_cuda_and_cpu(fake_timer, monkeypatch):
     x, cw, _ = _linear_case(device="cuda")
-    ops.sparse_linear(x, cw)
+    dispatch.sparse_linear(x, cw)
     monkeypatch.setenv("KE_FAST_BACKEND", "auto")
+    ops.reload_settings()
     xc, cwc, _ = _linear_case(device="cpu")
-    ops.sparse_linear(xc, cwc)  # the CPU has no sparse kernel: dense, nothing timed or cached
-    assert len(fake_timer["calls"]) == 2 and len(ops.sparse_decisions()) == 1
+    dispatch.sparse_linear(xc, cwc)  # the CPU has no sparse kernel: dense, nothing timed or cached
+    assert len(fake_timer["calls"]) == 2 and len(dispatch.sparse_decisions()) == 1
 
 
 @needs_triton
@@ -106,9 +109,9 @@ def test_conv_decision_and_geometry_in_key(fake_timer):
     x = torch.randn(1, 5, 5, 5, generator=g).to(TRITON_DEVICE)
     cw = sc.compress(w.to(TRITON_DEVICE), m.to(TRITON_DEVICE))
     for stride in (1, 2):
-        out = ops.sparse_conv2d(x, cw, None, stride, 1)
+        out = dispatch.sparse_conv2d(x, cw, None, stride, 1)
         torch.testing.assert_close(out, F.conv2d(x, (w * m).to(TRITON_DEVICE), None, stride, 1), **TOL[torch.float32])
-    assert len(ops.sparse_decisions()) == 2 and len(fake_timer["calls"]) == 4
+    assert len(dispatch.sparse_decisions()) == 2 and len(fake_timer["calls"]) == 4
 
 
 @needs_triton
@@ -116,16 +119,17 @@ def test_env_on_off_skip_timing(fake_timer, monkeypatch):
     x, cw, wm = _linear_case()
     for env in ("on", "off"):
         monkeypatch.setenv("KE_FAST_SPARSE", env)
-        torch.testing.assert_close(ops.sparse_linear(x, cw), F.linear(x, wm), **TOL[torch.float32])
-    assert fake_timer["calls"] == [] and ops.sparse_decisions() == {}
+        ops.reload_settings()
+        torch.testing.assert_close(dispatch.sparse_linear(x, cw), F.linear(x, wm), **TOL[torch.float32])
+    assert fake_timer["calls"] == [] and dispatch.sparse_decisions() == {}
 
 
 @needs_triton
 def test_real_timing_picks_a_path(monkeypatch):
     """Timed for real: both paths run and the decision is cached (the interpreter always loses to F.linear)."""
     x, cw, wm = _linear_case(k=40, n=8)
-    torch.testing.assert_close(ops.sparse_linear(x, cw), F.linear(x, wm), **TOL[torch.float32])
-    (choice,) = ops.sparse_decisions().values()
+    torch.testing.assert_close(dispatch.sparse_linear(x, cw), F.linear(x, wm), **TOL[torch.float32])
+    (choice,) = dispatch.sparse_decisions().values()
     if INTERPRETING and not HAS_CUDA:
         assert choice == "dense"
 
@@ -133,32 +137,32 @@ def test_real_timing_picks_a_path(monkeypatch):
 @needs_triton
 def test_save_load_decisions(fake_timer, tmp_path):
     x, cw, _ = _linear_case()
-    ops.sparse_linear(x, cw)
-    ops.sparse_linear(torch.cat([x, x]), cw)
-    saved = ops.sparse_decisions()
+    dispatch.sparse_linear(x, cw)
+    dispatch.sparse_linear(torch.cat([x, x]), cw)
+    saved = dispatch.sparse_decisions()
     path = tmp_path / "model.sparse.json"
-    ops.save_sparse_decisions(path)
+    dispatch.save_sparse_decisions(path)
     doc = json.loads(path.read_text())
-    assert doc["format"] == ops.DECISIONS_FORMAT and doc["decisions"] == saved
+    assert doc["format"] == dispatch.DECISIONS_FORMAT and doc["decisions"] == saved
     assert set(doc["devices"]) == {str(x.device)}
-    ops.clear_sparse_decisions()
-    assert ops.load_sparse_decisions(path) == 2
-    assert ops.sparse_decisions() == saved
-    ops.sparse_linear(x, cw)
+    dispatch.clear_sparse_decisions()
+    assert dispatch.load_sparse_decisions(path) == 2
+    assert dispatch.sparse_decisions() == saved
+    dispatch.sparse_linear(x, cw)
     assert len(fake_timer["calls"]) == 4  # loaded: not timed again
     doc["devices"] = {k: "another device" for k in doc["devices"]}
     path.write_text(json.dumps(doc))
-    ops.clear_sparse_decisions()
-    assert ops.load_sparse_decisions(path) == 0 and ops.sparse_decisions() == {}
+    dispatch.clear_sparse_decisions()
+    assert dispatch.load_sparse_decisions(path) == 0 and dispatch.sparse_decisions() == {}
     path.write_text(json.dumps({"format": 99}))
     with pytest.raises(ValueError, match="format"):
-        ops.load_sparse_decisions(path)
-    doc["devices"] = {str(x.device): ops._device_names()[str(x.device)]}
+        dispatch.load_sparse_decisions(path)
+    doc["devices"] = {str(x.device): dispatch._device_names()[str(x.device)]}
     doc["decisions"]["bogus|key"] = "sparse"
     path.write_text(json.dumps(doc))
     with pytest.raises(ValueError, match="not a sparse decision key"):
-        ops.load_sparse_decisions(path)
-    assert ops.sparse_decisions() == {}  # a bad file adds nothing
+        dispatch.load_sparse_decisions(path)
+    assert dispatch.sparse_decisions() == {}  # a bad file adds nothing
 
 
 # ---- the kept W*M ----------------------------------------------------------------------------------
@@ -179,19 +183,20 @@ def _fit(net, x):
 @pytest.fixture
 def decompress_calls(monkeypatch):
     calls = []
-    real = sc.decompress
+    real = kformat.decompress
 
     def counting(cw):
         calls.append(cw.shape)
         return real(cw)
 
-    monkeypatch.setattr(sc, "decompress", counting)
+    monkeypatch.setattr(kformat, "decompress", counting)
     return calls
 
 
 @pytest.mark.parametrize("keep", [True, False])
 def test_dense_path_keeps_wm(keep, decompress_calls, monkeypatch):
     monkeypatch.setenv("KE_FAST_BACKEND", "reference")  # the dense path on every layer
+    ops.reload_settings()
     net, x = _wels_net()
     sparse = ke_fast.extract_sparse(net, keep_dense=keep)
     layers = [m for m in sparse.modules() if isinstance(m, SparseConv2d | SparseLinear)]
@@ -207,6 +212,7 @@ def test_dense_path_keeps_wm(keep, decompress_calls, monkeypatch):
 
 def test_kept_wm_rebuilt_after_load_state_dict(monkeypatch):
     monkeypatch.setenv("KE_FAST_BACKEND", "reference")
+    ops.reload_settings()
     net_a, x = _wels_net(0)
     net_b, _ = _wels_net(1)
     a, b = ke_fast.extract_sparse(net_a), ke_fast.extract_sparse(net_b)
@@ -220,6 +226,7 @@ def test_kept_wm_rebuilt_after_load_state_dict(monkeypatch):
 
 def test_kept_wm_follows_dtype_and_refresh(monkeypatch):
     monkeypatch.setenv("KE_FAST_BACKEND", "reference")
+    ops.reload_settings()
     net, x = _wels_net()
     sparse = ke_fast.extract_sparse(net).double()
     layer = next(m for m in sparse.modules() if isinstance(m, SparseLinear))
@@ -227,7 +234,7 @@ def test_kept_wm_follows_dtype_and_refresh(monkeypatch):
     with torch.no_grad():
         layer.values.mul_(2)
     layer.refresh_dense()
-    assert torch.equal(layer.dense, sc.decompress(layer.compressed))
+    assert torch.equal(layer.dense, kformat.decompress(layer.compressed))
 
 
 # ---- whole fit networks under torch.compile ---------------------------------------------------------
@@ -258,17 +265,17 @@ def test_extract_sparse_compiles_fullgraph_without_timing(fake_timer):
     sparse = ke_fast.extract_sparse(net).to(TRITON_DEVICE)
     xd = x.to(TRITON_DEVICE)
     out, graphs = _graphs_of(sparse, xd)
-    assert len(graphs) == 1 and fake_timer["calls"] == [] and ops.sparse_decisions() == {}
+    assert len(graphs) == 1 and fake_timer["calls"] == [] and dispatch.sparse_decisions() == {}
     torch.testing.assert_close(out.cpu(), ref, **TOL[torch.float32])
     if not (HAS_CUDA or INTERPRETING):
         return
     for faster, in_graph in (("run_sparse", True), ("run_dense", False)):
-        ops.clear_sparse_decisions()
+        dispatch.clear_sparse_decisions()
         fake_timer["times"] = {"run_sparse": 1.0, "run_dense": 2.0} if faster == "run_sparse" else \
             {"run_sparse": 2.0, "run_dense": 1.0}
         with torch.no_grad():
             sparse(xd)  # eager warm-up: every layer decided (by the fake timer)
-        assert len(ops.sparse_decisions()) == 3
+        assert len(dispatch.sparse_decisions()) == 3
         calls = len(fake_timer["calls"])
         out, graphs = _graphs_of(sparse, xd)
         assert len(graphs) == 1 and len(fake_timer["calls"]) == calls
@@ -276,6 +283,36 @@ def test_extract_sparse_compiles_fullgraph_without_timing(fake_timer):
         assert ("ke_fast.sparse_conv2d.default" in targets) == in_graph
         assert ("ke_fast.sparse_linear.default" in targets) == in_graph
         torch.testing.assert_close(out.cpu(), ref, **TOL[torch.float32])
+
+
+def test_static_choice_boundaries():
+    assert dispatch.static_choice(dispatch.SPARSE_MAX_ROWS, dispatch.SPARSE_MAX_DENSITY)
+    assert not dispatch.static_choice(dispatch.SPARSE_MAX_ROWS + 1, 0.5)
+    assert not dispatch.static_choice(1, dispatch.SPARSE_MAX_DENSITY + 0.01)
+
+
+@pytest.mark.parametrize("split_rate", [0.5, 0.9])
+def test_static_rule_while_tracing(fake_timer, split_rate):
+    """Without a cached decision, torch.compile's trace takes dispatch.static_choice per layer (nothing timed,
+    nothing cached). _wels_net's GEMM rows at batch 2: conv 3->8 on 8x8 (padding 1) 128, conv 8->8 stride 2
+    18, linear 2; at split rate 0.5 (density <= 0.7) the last two are sparse, at 0.9 none is."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(8 * 3 * 3, 10))
+    ke_fast.split(net, "wels", split_rate, seed=0)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    sparse = ke_fast.extract_sparse(net.eval()).to(TRITON_DEVICE)
+    layers = [m for m in sparse.modules() if isinstance(m, SparseConv2d | SparseLinear)]
+    densities = [kformat.density_of(m.compressed) for m in layers]
+    assert all(d <= dispatch.SPARSE_MAX_DENSITY for d in densities) == (split_rate == 0.5)
+    _, graphs = _graphs_of(sparse, x.to(TRITON_DEVICE))
+    nodes = [str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+    assert fake_timer["calls"] == [] and dispatch.sparse_decisions() == {}
+    triton = HAS_CUDA or INTERPRETING  # elsewhere the implementation is not Triton: every layer dense
+    want = [triton and dispatch.static_choice(rows, d) for rows, d in zip((128, 18, 2), densities)]
+    assert want == ([False, True, True] if triton and split_rate == 0.5 else [False, False, False])
+    assert nodes.count("ke_fast.sparse_conv2d.default") == sum(want[:2])
+    assert nodes.count("ke_fast.sparse_linear.default") == want[2]
 
 
 def test_extract_slim_compiles_fullgraph():

@@ -35,6 +35,7 @@ import torch
 from . import kernels
 from .kernels import backend, bitmask, cpu, masked, reference
 from .kernels import reinit as _reinit
+from .kernels.device import check_one_device, listed
 from .kernels import sparse_conv as _sparse
 from .kernels.rng import PURPOSE_INIT, PURPOSE_RESET, as_int64, check_seed, stream_prefix
 
@@ -113,7 +114,7 @@ def _define(name: str, schema: str, impls: dict[str, Callable], prepare: Callabl
 # ---- masked weight -------------------------------------------------------------------------------
 
 def _masked_prepare(weight, words, dtype=None):
-    dtype = masked.check_args(weight, words, dtype)
+    dtype = masked.check_args(weight, words, dtype)  # words on the weight's device included
     return weight.contiguous(), words.contiguous(), dtype
 
 
@@ -151,6 +152,7 @@ def masked_weight(weight: torch.Tensor, words: torch.Tensor, dtype: Optional[tor
 
 def _masks_prepare(weights, words, table, tiles, dtype):
     masked.check_many(weights, words, dtype)
+    check_one_device("masked_weights", [*listed("weights", weights), ("table", table), ("tiles", tiles)])
     if table.shape != (len(weights), masked.TABLE_COLUMNS) or table.dtype != torch.int64:
         raise ValueError(f"table must be int64 of shape ({len(weights)}, {masked.TABLE_COLUMNS}) (kernels.masked."
                          f"masks_table of the weights' sizes), got {table.dtype} of shape {tuple(table.shape)}")
@@ -261,6 +263,8 @@ def _reset_prepare(weights, words, table, tiles, seed, prefix, has_normal):
     if len(weights) != len(words) or table.shape != (len(weights), 8):
         raise ValueError(f"a reset table has one row per weight: {len(weights)} weights, {len(words)} words, "
                          f"table of shape {tuple(table.shape)}")
+    check_one_device("reset_entries_", [*listed("weights", weights), *listed("words", words), ("table", table),
+                                        ("tiles", tiles)])
     return weights, words, table, tiles, seed, prefix, has_normal
 
 
@@ -324,11 +328,17 @@ def _pair(v: int | Sequence[int]) -> list[int]:
 
 def _conv_prepare(x, bits, values, offsets, shape, bias, stride, padding, dilation, groups):
     _sparse.check_conv_args(x, shape, groups)
+    _sparse.check_compressed(bits, values, offsets, shape, bias)
+    check_one_device("sparse_conv2d", [("x", x), ("bits", bits), ("values", values), ("offsets", offsets),
+                                       ("bias", bias)])
     return x, bits, values, offsets, shape, bias, stride, padding, dilation, groups
 
 
 def _linear_prepare(x, bits, values, offsets, shape, bias):
     _sparse.check_linear_args(x, shape)
+    _sparse.check_compressed(bits, values, offsets, shape, bias)
+    check_one_device("sparse_linear", [("x", x), ("bits", bits), ("values", values), ("offsets", offsets),
+                                       ("bias", bias)])
     return x, bits, values, offsets, shape, bias
 
 

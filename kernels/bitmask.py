@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from . import reference
+from .device import launch_guard
 from .rng import PURPOSE_MASK, check_seed, philox_group, select4, stream_id
 
 WELS_WORDS_PER_PROGRAM = 64
@@ -21,7 +22,8 @@ _POPCOUNT8 = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.i
 
 
 def num_words(numel: int) -> int:
-    """Number of int32 words holding ``numel`` bits."""
+    """Number of int32 words holding ``numel`` bits (Python ints: exact for any size; kernels compute it in
+    int64, see :func:`_wels_bits_kernel`)."""
     return (numel + 31) // 32
 
 
@@ -91,13 +93,16 @@ def kels_mask_bits(shape: Sequence[int] | torch.Size, split_rate: float, *, keep
     return reference.pack_mask(mask)
 
 
-@triton.jit
-def _wels_bits_kernel(out_ptr, numel, seed, stream, threshold, BW: tl.constexpr):
+@triton.jit(do_not_specialize=["seed", "stream"])
+def _wels_bits_kernel(out_ptr, numel: tl.int64, seed: tl.int64, stream: tl.int64, threshold, BW: tl.constexpr):
     """out[w] = sum_b [ (r_{32w+b} >> 8) < threshold ] << b for words w of this program.
 
-    out_ptr: int32 words; numel: elements (int64); seed/stream: Philox key and stream (int64);
-    threshold: integer in [0, 2^24]. Each element recomputes its group's Philox (4x redundant): masks
-    are drawn once per run, so simplicity wins over speed here."""
+    out_ptr: int32 words; numel: elements; seed/stream: Philox key and stream; threshold: integer in
+    [0, 2^24]. numel, seed and stream are typed int64 whatever their value (a numel below 2^31 would
+    arrive as int32, and ``numel + 31`` would wrap for numel in [2^31 - 31, 2^31 - 1], storing nothing);
+    seed and stream change with every layer and are not specialised. Each element recomputes its group's
+    Philox (4x redundant): masks are drawn once per run, so simplicity wins over speed here."""
+    numel = numel.to(tl.int64)  # the interpreter passes small ints as int32 whatever the annotation
     pid = tl.program_id(0).to(tl.int64)
     w = pid * BW + tl.arange(0, BW)[:, None]
     b = tl.arange(0, 32)[None, :]
@@ -118,7 +123,8 @@ def wels_bits_(out: torch.Tensor, numel: int, seed: int, stream: int, threshold:
     ``threshold`` is :func:`.reference.wels_threshold` of the split rate."""
     if out.numel():
         bw = WELS_WORDS_PER_PROGRAM
-        _wels_bits_kernel[(triton.cdiv(out.numel(), bw),)](out, numel, seed, stream, threshold, BW=bw)
+        with launch_guard(out):
+            _wels_bits_kernel[(triton.cdiv(out.numel(), bw),)](out, numel, seed, stream, threshold, BW=bw)
 
 
 def check_wels_args(shape: Sequence[int] | torch.Size, split_rate: float, seed: int, stream: int) -> tuple[int, int]:

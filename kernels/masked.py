@@ -17,6 +17,7 @@ import triton.language as tl
 
 from . import backend
 from .bitmask import num_words
+from .device import launch_guard
 from .reinit import addressed
 from .rng import cast_rtne
 
@@ -28,12 +29,13 @@ TABLE_COLUMNS = 5  # a masks table row: (w_off, m_off, numel, out_off, first til
 
 @triton.jit
 def _cast_out(x, dtype: tl.constexpr):
-    """A loaded value in the output dtype: bf16 rounded to nearest even by hand (see cast_rtne), the
-    others by a plain conversion (fp64 stays exact)."""
-    if dtype == tl.bfloat16:
-        return cast_rtne(x.to(tl.float32), dtype)
+    """A loaded value in the output dtype, as torch's ``.to(dtype)`` rounds it: fp64 stays exact; every
+    narrower output goes through fp32 first, as torch converts fp64 to fp16 / bf16 (so a fp64 value just
+    above a tie rounds like torch's, not once directly), then :func:`.rng.cast_rtne`."""
+    if dtype == tl.float64:
+        return x.to(tl.float64)
     else:
-        return x.to(dtype)
+        return cast_rtne(x.to(tl.float32), dtype)
 
 
 @triton.jit
@@ -94,7 +96,9 @@ def apply_mask(x: torch.Tensor, words: torch.Tensor, dtype: torch.dtype) -> torc
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
     if x.numel():
         block = block_size()
-        _masked_kernel[(triton.cdiv(x.numel(), block),)](out, x, words, x.numel(), BLOCK=block, num_warps=GPU_NUM_WARPS)
+        with launch_guard(x):
+            _masked_kernel[(triton.cdiv(x.numel(), block),)](out, x, words, x.numel(), BLOCK=block,
+                                                             num_warps=GPU_NUM_WARPS)
     return out
 
 
@@ -145,6 +149,7 @@ def apply_masks(xs: list[torch.Tensor], words: list[torch.Tensor], table: torch.
     if tiles.numel():
         w_ptrs, m_ptrs = [x.data_ptr() for x in xs], [w.data_ptr() for w in words]
         w_base, m_base = xs[w_ptrs.index(min(w_ptrs))], words[m_ptrs.index(min(m_ptrs))]
-        _masked_multi_kernel[(tiles.numel(),)](out, w_base, m_base, addressed(table, xs, w_ptrs, words, m_ptrs), tiles,
-                                               BLOCK=block_size(), num_warps=GPU_NUM_WARPS)
+        with launch_guard(out):
+            _masked_multi_kernel[(tiles.numel(),)](out, w_base, m_base, addressed(table, xs, w_ptrs, words, m_ptrs),
+                                                   tiles, BLOCK=block_size(), num_warps=GPU_NUM_WARPS)
     return out

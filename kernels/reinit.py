@@ -18,6 +18,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import backend, reference
 from .bitmask import num_words, pack_mask
+from .device import launch_guard
 from .rng import box_muller_groups, cast_rtne, philox_group, select4, splitmix64, uniform_pm1
 
 SCHEMES = ("kaiming_uniform_a_sqrt5", "kaiming_uniform", "kaiming_normal", "xavier_uniform", "xavier_normal", "zeros")
@@ -26,8 +27,8 @@ GPU_TILE_GROUPS = 512  # groups of 4 elements per program on a GPU: 2048 element
 GPU_NUM_WARPS = 8
 
 
-@triton.jit
-def _reinit_kernel(w_base, m_base, meta, tile_tensor, seed, stream_prefix, BQ: tl.constexpr,
+@triton.jit(do_not_specialize=["seed", "stream_prefix"])
+def _reinit_kernel(w_base, m_base, meta, tile_tensor, seed: tl.int64, stream_prefix: tl.int64, BQ: tl.constexpr,
                    HAS_NORMAL: tl.constexpr):
     """One tile = BQ groups of 4 consecutive elements of one tensor.
 
@@ -37,6 +38,8 @@ def _reinit_kernel(w_base, m_base, meta, tile_tensor, seed, stream_prefix, BQ: t
     tile_tensor: int32 [n_tiles], the tensor index of each tile. seed: Philox key (int64).
     stream_prefix: the (purpose, generation) part of the streams; a tensor's stream is
     splitmix64(stream_prefix ^ layer id), as on the host, so the tables are built once per plan.
+    seed and stream_prefix are typed int64 and not specialised (``do_not_specialize``): a new generation's
+    prefix (or a seed that happens to fit in int32, or be divisible by 16) reuses the compiled kernel.
     HAS_NORMAL: whether any tensor of the launch is kind 1; the fp64 Box-Muller costs registers and
     stack, so uniform-only launches (the default KE reset) compile without it, and launches with it
     draw the tile in 4 sequential sub-tiles of BQ // 4 groups to bound the registers.
@@ -133,8 +136,10 @@ def reset_entries_(weights: list[torch.Tensor], words: list[torch.Tensor], table
         return
     w_ptrs, m_ptrs = [x.data_ptr() for x in weights], [x.data_ptr() for x in words]
     w_base, m_base = weights[w_ptrs.index(min(w_ptrs))], words[m_ptrs.index(min(m_ptrs))]
-    _reinit_kernel[(tiles.numel(),)](w_base, m_base, addressed(table, weights, w_ptrs, words, m_ptrs), tiles, seed,
-                                     prefix, BQ=tile_groups(), HAS_NORMAL=has_normal, num_warps=GPU_NUM_WARPS)
+    with launch_guard(w_base):
+        _reinit_kernel[(tiles.numel(),)](w_base, m_base, addressed(table, weights, w_ptrs, words, m_ptrs), tiles,
+                                         seed, prefix, BQ=tile_groups(), HAS_NORMAL=has_normal,
+                                         num_warps=GPU_NUM_WARPS)
 
 
 # The kernel reaches every tensor as an offset from the lowest-addressed one, so the offsets are taken from

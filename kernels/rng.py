@@ -107,12 +107,19 @@ def select4(j, a, b, c, d):
 
 @triton.jit
 def cast_rtne(x, dtype: tl.constexpr):
-    """fp32 -> ``dtype`` rounding to nearest even, bit-identical on GPU, interpreter and CPU.
+    """fp32 ``x`` -> ``dtype`` rounded to nearest, ties to even: torch's ``x.to(dtype)`` for every fp32 input.
 
-    bf16 is rounded by hand in integers: the interpreter truncates a plain ``.to(tl.bfloat16)``."""
+    bf16 is rounded by hand in integers, because the interpreter truncates a plain ``.to(tl.bfloat16)``:
+    ``(b + 0x7FFF + lsb) >> 16`` on the bits ``b`` rounds every finite value and +-Inf correctly (a carry out
+    of the mantissa raises the exponent; from the largest finite values it gives Inf, as torch does), but it
+    would wrap a NaN whose low bits are set (a GPU's NaN is 0x7FFFFFFF) to a zero or turn it into Inf, so NaN
+    is mapped on its own to a quiet NaN of the same sign: ``(b >> 16) | 0x40``. NaN payloads are unspecified
+    (torch's CPU cast returns 0xFFFF, a GPU's cvt 0x7FFF): only "NaN stays NaN" is a contract.
+    fp16 and fp32 use the plain conversion: round to nearest even on a GPU and in the interpreter (numpy)."""
     if dtype == tl.bfloat16:
         b = x.to(tl.uint32, bitcast=True)
-        b = b + 0x7FFF + ((b >> 16) & 1)
-        return (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        rounded = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        is_nan = (b & 0x7FFFFFFF) > 0x7F800000
+        return tl.where(is_nan, (b >> 16) | 0x40, rounded).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(dtype)

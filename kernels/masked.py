@@ -29,10 +29,12 @@ TABLE_COLUMNS = 5  # a masks table row: (w_off, m_off, numel, out_off, first til
 
 @triton.jit
 def _cast_out(x, dtype: tl.constexpr):
-    """A loaded value in the output dtype, as torch's ``.to(dtype)`` rounds it: fp64 stays exact; every
-    narrower output goes through fp32 first, as torch converts fp64 to fp16 / bf16 (so a fp64 value just
-    above a tie rounds like torch's, not once directly), then :func:`.rng.cast_rtne`."""
-    if dtype == tl.float64:
+    """A loaded value in the output dtype, as torch's ``.to(dtype)`` rounds it: unchanged in its own dtype;
+    fp64 exact; every narrower output through fp32 first, as torch converts fp64 to fp16 / bf16 (so a fp64
+    value just above a tie rounds like torch's, not once directly), then :func:`.rng.cast_rtne`."""
+    if x.dtype == dtype:
+        return x
+    elif dtype == tl.float64:
         return x.to(tl.float64)
     else:
         return cast_rtne(x.to(tl.float32), dtype)

@@ -48,7 +48,7 @@ import torch
 
 from . import kernels as K
 from . import ops
-from .kernels.format import Compressed
+from .kernels.compressed import Compressed
 
 SPARSE_MAX_ROWS = 64  # static rule (tracing without a cached decision): a roofline argument, not a measurement
 SPARSE_MAX_DENSITY = 0.7
@@ -257,7 +257,7 @@ def _pair(v: int | Sequence[int]) -> list[int]:
 def conv_rows(x: torch.Tensor, cw: Compressed, stride: int | Sequence[int], padding: int | Sequence[int],
               dilation: int | Sequence[int]) -> int:
     """GEMM rows (batch x output pixels) of a conv2d of ``x`` with a compressed weight."""
-    size = K.format.conv_out_size(x.shape, cw.shape, _pair(stride), _pair(padding), _pair(dilation))
+    size = K.reference.conv_out_size(x.shape, cw.shape, _pair(stride), _pair(padding), _pair(dilation))
     return size[0] * size[2] * size[3]
 
 
@@ -266,7 +266,7 @@ def _as(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
 
 
 def _dense_of(cw: Compressed, dense: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    return _as(dense if dense is not None else K.format.decompress(cw), dtype)
+    return _as(dense if dense is not None else K.compressed.decompress(cw), dtype)
 
 
 def sparse_conv2d(x: torch.Tensor, cw: Compressed, bias: torch.Tensor | None = None,
@@ -277,7 +277,7 @@ def sparse_conv2d(x: torch.Tensor, cw: Compressed, bias: torch.Tensor | None = N
     :func:`use_sparse`; in ``auto`` mode timed on the first call of each decision key, then cached). ``dense``
     is the layer's kept W*M for the dense path (None: decompress on every dense call)."""
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
-    K.format.check_conv_args(x, cw.shape, groups)
+    K.compressed.check_conv_args(x, cw.shape, groups)
 
     def run_sparse():
         return torch.ops.ke_fast.sparse_conv2d.default(x, cw.bits, cw.values, cw.offsets, list(cw.shape), bias,
@@ -287,7 +287,7 @@ def sparse_conv2d(x: torch.Tensor, cw: Compressed, bias: torch.Tensor | None = N
         return exact_dense("conv2d", x.dtype, lambda: torch.nn.functional.conv2d(
             x, _dense_of(cw, dense, x.dtype), _as(bias, x.dtype), stride, padding, dilation, groups))
 
-    rows, density = conv_rows(x, cw, stride, padding, dilation), K.format.density_of(cw)
+    rows, density = conv_rows(x, cw, stride, padding, dilation), K.compressed.density_of(cw)
     measure = _decide("conv2d", cw, x, dense, (*stride, *padding, *dilation, groups), rows, density, run_sparse,
                       run_dense)
     sparse = use_sparse(rows, density, x.device, measure)
@@ -297,7 +297,7 @@ def sparse_conv2d(x: torch.Tensor, cw: Compressed, bias: torch.Tensor | None = N
 def sparse_linear(x: torch.Tensor, cw: Compressed, bias: torch.Tensor | None = None,
                   dense: torch.Tensor | None = None) -> torch.Tensor:
     """linear with a compressed weight, sparse or dense as the dispatcher decides (see :func:`sparse_conv2d`)."""
-    K.format.check_linear_args(x, cw.shape)
+    K.compressed.check_linear_args(x, cw.shape)
 
     def run_sparse():
         return torch.ops.ke_fast.sparse_linear.default(x, cw.bits, cw.values, cw.offsets, list(cw.shape), bias)
@@ -306,7 +306,7 @@ def sparse_linear(x: torch.Tensor, cw: Compressed, bias: torch.Tensor | None = N
         return exact_dense("linear", x.dtype, lambda: torch.nn.functional.linear(
             x, _dense_of(cw, dense, x.dtype), _as(bias, x.dtype)))
 
-    rows, density = x.numel() // max(1, x.shape[-1]), K.format.density_of(cw)
+    rows, density = x.numel() // max(1, x.shape[-1]), K.compressed.density_of(cw)
     sparse = use_sparse(rows, density, x.device, _decide("linear", cw, x, dense, (), rows, density, run_sparse,
                                                          run_dense))
     return run_sparse() if sparse else run_dense()

@@ -253,7 +253,7 @@ class _SparseLayer(nn.Module):
     weight bytes per layer) and decompresses on every dense call instead. After editing the compressed
     buffers in place, call :meth:`refresh_dense`."""
 
-    def __init__(self, cw: K.format.Compressed, bias: torch.Tensor | None, keep_dense: bool = True) -> None:
+    def __init__(self, cw: K.compressed.Compressed, bias: torch.Tensor | None, keep_dense: bool = True) -> None:
         super().__init__()
         self.weight_shape = tuple(cw.shape)
         self.register_buffer("bits", cw.bits)
@@ -265,12 +265,12 @@ class _SparseLayer(nn.Module):
         self.refresh_dense()
 
     @property
-    def compressed(self) -> K.format.Compressed:
-        return K.format.Compressed(self.weight_shape, self.bits, self.values, self.offsets)
+    def compressed(self) -> K.compressed.Compressed:
+        return K.compressed.Compressed(self.weight_shape, self.bits, self.values, self.offsets)
 
     def refresh_dense(self) -> None:
         """Rebuild the kept W*M from the compressed buffers (or drop it when ``keep_dense`` is False)."""
-        self.dense = K.format.decompress(self.compressed) if self.keep_dense else None
+        self.dense = K.compressed.decompress(self.compressed) if self.keep_dense else None
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -279,7 +279,7 @@ class _SparseLayer(nn.Module):
         keys = [prefix + k for k in ("bits", "values", "offsets")]
         if all(k in state_dict for k in keys):
             try:
-                K.format.Compressed(self.weight_shape, *(state_dict[k] for k in keys)).validate()
+                K.compressed.Compressed(self.weight_shape, *(state_dict[k] for k in keys)).validate()
             except ValueError as exc:
                 error_msgs.append(f"{prefix[:-1] or 'layer'}: corrupt or mismatched compressed weight: {exc}")
                 return
@@ -299,7 +299,7 @@ class SparseConv2d(_SparseLayer):
     """conv2d with a compressed weight: the Triton sparse kernel where the dispatcher measured it faster,
     otherwise cuDNN on the kept W*M (and always that on CPU). See :class:`_SparseLayer` for ``keep_dense``."""
 
-    def __init__(self, cw: K.format.Compressed, bias: torch.Tensor | None, stride: tuple[int, int],
+    def __init__(self, cw: K.compressed.Compressed, bias: torch.Tensor | None, stride: tuple[int, int],
                  padding: tuple[int, int], dilation: tuple[int, int], groups: int, keep_dense: bool = True) -> None:
         super().__init__(cw, bias, keep_dense)
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
@@ -358,7 +358,7 @@ def extract_sparse(model: nn.Module, *, keep_dense: bool = True) -> nn.Module:
     with torch.no_grad():
         for name, m in masked_layers(sparse):
             fit = K.unpack_mask(m.fit_mask, m.weight.shape)
-            cw = K.format.compress(m.weight.detach(), fit)
+            cw = K.compressed.compress(m.weight.detach(), fit)
             bias = None if m.bias is None else m.bias.detach() * K.unpack_mask(m.bias_mask, m.bias.shape)
             if isinstance(m, nn.Conv2d):
                 new: nn.Module = SparseConv2d(cw, bias, tuple(m.stride), _conv_padding(m), tuple(m.dilation), m.groups,
@@ -382,7 +382,7 @@ def _check_sparse_state(module: nn.Module, state_dict: dict, prefix: str, *args:
         keys = [p + k for k in ("bits", "values", "offsets")]
         if all(k in state_dict for k in keys):
             try:
-                K.format.Compressed(m.weight_shape, *(state_dict[k] for k in keys)).validate()
+                K.compressed.Compressed(m.weight_shape, *(state_dict[k] for k in keys)).validate()
             except ValueError as exc:
                 raise RuntimeError(f"Error(s) in loading state_dict: {name or 'layer'}: corrupt or mismatched "
                                    f"compressed weight: {exc}") from exc

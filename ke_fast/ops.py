@@ -38,7 +38,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from . import kernels
-from .kernels import backend, cpu, format, launch, reference
+from .kernels import backend, compressed, cpu, format, launch, reference
+from .kernels.device import check_one_device, listed
 from .kernels.streams import PURPOSE_INIT, PURPOSE_RESET, as_int64, check_seed, stream_prefix
 
 ENV = "KE_FAST_BACKEND"
@@ -200,7 +201,7 @@ def _define(name: str, schema: str, impls: dict[str, Callable | str], prepare: C
 # ---- masked weight -------------------------------------------------------------------------------
 
 def _masked_prepare(weight, words, dtype=None):
-    dtype = launch.check_args(weight, words, dtype)
+    dtype = launch.check_args(weight, words, dtype)  # words on the weight's device included
     return weight.contiguous(), words.contiguous(), dtype
 
 
@@ -238,6 +239,7 @@ def masked_weight(weight: torch.Tensor, words: torch.Tensor, dtype: Optional[tor
 
 def _masks_prepare(weights, words, table, tiles, dtype):
     launch.check_many(weights, words, dtype)
+    check_one_device("masked_weights", [*listed("weights", weights), ("table", table), ("tiles", tiles)])
     if table.shape != (len(weights), launch.TABLE_COLUMNS) or table.dtype != torch.int64:
         raise ValueError(f"table must be int64 of shape ({len(weights)}, {launch.TABLE_COLUMNS}) (kernels.launch."
                          f"masks_table of the weights' sizes), got {table.dtype} of shape {tuple(table.shape)}")
@@ -349,6 +351,8 @@ def _reset_prepare(weights, words, table, tiles, seed, prefix, has_normal):
     if len(weights) != len(words) or table.shape != (len(weights), 8):
         raise ValueError(f"a reset table has one row per weight: {len(weights)} weights, {len(words)} words, "
                          f"table of shape {tuple(table.shape)}")
+    check_one_device("reset_entries_", [*listed("weights", weights), *listed("words", words), ("table", table),
+                                        ("tiles", tiles)])
     return weights, words, table, tiles, seed, prefix, has_normal
 
 
@@ -414,12 +418,18 @@ class ReinitPlan:
 # ---- sparse WELS layers ----------------------------------------------------------------------------
 
 def _conv_prepare(x, bits, values, offsets, shape, bias, stride, padding, dilation, groups):
-    format.check_conv_args(x, shape, groups)
+    compressed.check_conv_args(x, shape, groups)
+    compressed.check_compressed(bits, values, offsets, shape, bias)
+    check_one_device("sparse_conv2d", [("x", x), ("bits", bits), ("values", values), ("offsets", offsets),
+                                       ("bias", bias)])
     return x, bits, values, offsets, shape, bias, stride, padding, dilation, groups
 
 
 def _linear_prepare(x, bits, values, offsets, shape, bias):
-    format.check_linear_args(x, shape)
+    compressed.check_linear_args(x, shape)
+    compressed.check_compressed(bits, values, offsets, shape, bias)
+    check_one_device("sparse_linear", [("x", x), ("bits", bits), ("values", values), ("offsets", offsets),
+                                       ("bias", bias)])
     return x, bits, values, offsets, shape, bias
 
 
@@ -434,14 +444,14 @@ _linear_op = _define("sparse_linear",
 
 @_conv_op.register_fake
 def _(x, bits, values, offsets, shape, bias, stride, padding, dilation, groups):
-    format.check_conv_args(x, shape, groups)
-    out = x.new_empty(format.conv_out_size(x.shape, shape, stride, padding, dilation))
+    compressed.check_conv_args(x, shape, groups)
+    out = x.new_empty(reference.conv_out_size(x.shape, shape, stride, padding, dilation))
     return out.contiguous(memory_format=torch.channels_last)
 
 
 @_linear_op.register_fake
 def _(x, bits, values, offsets, shape, bias):
-    format.check_linear_args(x, shape)
+    compressed.check_linear_args(x, shape)
     return x.new_empty((*x.shape[:-1], shape[0]))
 
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from . import format, launch, streams  # noqa: A004 (the module's name is the idea: the shared formats)
-from .format import (Compressed, check_split_rate, compress, decompress, density, kels_mask_bits, layer_stream,
-                     num_words, pack_mask, popcount, unpack_mask)
+from . import compressed, device, format, launch, streams  # noqa: A004 (format: the module's name is the idea)
+from .compressed import Compressed, compress, decompress
+from .format import (check_split_rate, density, kels_mask_bits, layer_stream, num_words, pack_mask, popcount,
+                     unpack_mask)
 from .launch import SCHEMES, fans_of, scheme_params
 from .streams import PURPOSE_INIT, PURPOSE_MASK, PURPOSE_RESET, as_int64, check_seed, stream_id
 
@@ -26,7 +27,7 @@ from .streams import PURPOSE_INIT, PURPOSE_MASK, PURPOSE_RESET, as_int64, check_
 TRITON_MODULES = ("rng", "bitmask", "masked", "reinit", "sparse_conv", "aot")
 
 __all__ = [
-    "format", "launch", "streams", "SCHEMES", "PURPOSE_INIT", "PURPOSE_MASK", "PURPOSE_RESET", "Compressed",
+    "compressed", "device", "format", "launch", "streams", "SCHEMES", "PURPOSE_INIT", "PURPOSE_MASK", "PURPOSE_RESET", "Compressed",
     "as_int64", "check_seed", "check_split_rate", "compress", "decompress", "density", "fans_of", "kels_mask_bits",
     "layer_stream", "num_words", "pack_mask", "popcount", "scheme_params", "stream_id", "unpack_mask",
     *TRITON_MODULES,

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .device import launch_guard
 from .format import (_check_words, check_split_rate, check_wels_args, density, kels_mask_bits,  # noqa: F401
                      layer_stream, num_words, pack_mask, popcount, unpack_mask, word_popcounts)
 from .rng import philox_group, select4
@@ -17,13 +18,16 @@ from .rng import philox_group, select4
 WELS_WORDS_PER_PROGRAM = 64
 
 
-@triton.jit
-def _wels_bits_kernel(out_ptr, numel, seed, stream, threshold, BW: tl.constexpr):
+@triton.jit(do_not_specialize=["seed", "stream"])
+def _wels_bits_kernel(out_ptr, numel: tl.int64, seed: tl.int64, stream: tl.int64, threshold, BW: tl.constexpr):
     """out[w] = sum_b [ (r_{32w+b} >> 8) < threshold ] << b for words w of this program.
 
-    out_ptr: int32 words; numel: elements (int64); seed/stream: Philox key and stream (int64);
-    threshold: integer in [0, 2^24]. Each element recomputes its group's Philox (4x redundant): masks
-    are drawn once per run, so simplicity wins over speed here."""
+    out_ptr: int32 words; numel: elements; seed/stream: Philox key and stream; threshold: integer in
+    [0, 2^24]. numel, seed and stream are typed int64 whatever their value (a numel below 2^31 would
+    arrive as int32, and ``numel + 31`` would wrap for numel in [2^31 - 31, 2^31 - 1], storing nothing);
+    seed and stream change with every layer and are not specialised. Each element recomputes its group's
+    Philox (4x redundant): masks are drawn once per run, so simplicity wins over speed here."""
+    numel = numel.to(tl.int64)  # the interpreter passes small ints as int32 whatever the annotation
     pid = tl.program_id(0).to(tl.int64)
     w = pid * BW + tl.arange(0, BW)[:, None]
     b = tl.arange(0, 32)[None, :]
@@ -44,4 +48,5 @@ def wels_bits_(out: torch.Tensor, numel: int, seed: int, stream: int, threshold:
     ``threshold`` is :func:`.reference.wels_threshold` of the split rate."""
     if out.numel():
         bw = WELS_WORDS_PER_PROGRAM
-        _wels_bits_kernel[(triton.cdiv(out.numel(), bw),)](out, numel, seed, stream, threshold, BW=bw)
+        with launch_guard(out):
+            _wels_bits_kernel[(triton.cdiv(out.numel(), bw),)](out, numel, seed, stream, threshold, BW=bw)

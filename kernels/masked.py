@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 # the host side (no Triton), re-exported under the old names
+from .device import launch_guard
 from .launch import GPU_BLOCK, TABLE_COLUMNS, block_size, check_args, check_many, masks_table  # noqa: F401
 from .launch import MASK_DTYPES as DTYPES  # noqa: F401
 from .reinit import addressed
@@ -26,12 +27,15 @@ GPU_NUM_WARPS = 8
 
 @triton.jit
 def _cast_out(x, dtype: tl.constexpr):
-    """A loaded value in the output dtype: bf16 rounded to nearest even by hand (see cast_rtne), the
-    others by a plain conversion (fp64 stays exact)."""
-    if dtype == tl.bfloat16:
-        return cast_rtne(x.to(tl.float32), dtype)
+    """A loaded value in the output dtype, as torch's ``.to(dtype)`` rounds it: unchanged in its own dtype;
+    fp64 exact; every narrower output through fp32 first, as torch converts fp64 to fp16 / bf16 (so a fp64
+    value just above a tie rounds like torch's, not once directly), then :func:`.rng.cast_rtne`."""
+    if x.dtype == dtype:
+        return x
+    elif dtype == tl.float64:
+        return x.to(tl.float64)
     else:
-        return x.to(dtype)
+        return cast_rtne(x.to(tl.float32), dtype)
 
 
 @triton.jit
@@ -78,7 +82,9 @@ def apply_mask(x: torch.Tensor, words: torch.Tensor, dtype: torch.dtype) -> torc
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
     if x.numel():
         block = block_size()
-        _masked_kernel[(triton.cdiv(x.numel(), block),)](out, x, words, x.numel(), BLOCK=block, num_warps=GPU_NUM_WARPS)
+        with launch_guard(x):
+            _masked_kernel[(triton.cdiv(x.numel(), block),)](out, x, words, x.numel(), BLOCK=block,
+                                                             num_warps=GPU_NUM_WARPS)
     return out
 
 
@@ -90,6 +96,7 @@ def apply_masks(xs: list[torch.Tensor], words: list[torch.Tensor], table: torch.
     if tiles.numel():
         w_ptrs, m_ptrs = [x.data_ptr() for x in xs], [w.data_ptr() for w in words]
         w_base, m_base = xs[w_ptrs.index(min(w_ptrs))], words[m_ptrs.index(min(m_ptrs))]
-        _masked_multi_kernel[(tiles.numel(),)](out, w_base, m_base, addressed(table, xs, w_ptrs, words, m_ptrs), tiles,
-                                               BLOCK=block_size(), num_warps=GPU_NUM_WARPS)
+        with launch_guard(out):
+            _masked_multi_kernel[(tiles.numel(),)](out, w_base, m_base, addressed(table, xs, w_ptrs, words, m_ptrs),
+                                                   tiles, BLOCK=block_size(), num_warps=GPU_NUM_WARPS)
     return out

@@ -230,17 +230,34 @@ def decompress(bits: torch.Tensor, values: torch.Tensor, shape: Sequence[int]) -
     keep = unpack_mask(bits.reshape(-1), n * t * 32).view(n, t * 32)[:, :k]
     chunks = torch.zeros(chunk_major(keep).shape, dtype=values.dtype, device=values.device)
     chunks[chunk_major(keep)] = values
-    dense = chunks.transpose(0, 1).reshape(n, -1)[:, :k].contiguous()
+    dense = chunks.transpose(0, 1).reshape(n, chunks.shape[0] * SPARSE_CHUNK)[:, :k].contiguous()
     if len(shape) == 4:
         _, c, r, s = shape
         return dense.view(n, r, s, c).permute(0, 3, 1, 2).contiguous()
     return dense.view(tuple(shape))
 
 
+def conv_out_size(x_shape: Sequence[int], shape: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                  dilation: Sequence[int]) -> tuple[int, int, int, int]:
+    """(B, N, OH, OW) of a conv2d of an input of ``x_shape`` with a weight of ``shape``."""
+    n_out, _, r, s = shape
+    oh = (x_shape[2] + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
+    ow = (x_shape[3] + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
+    return x_shape[0], n_out, oh, ow
+
+
 def sparse_conv2d(x: torch.Tensor, bits: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
                   shape: Sequence[int], bias: torch.Tensor | None, stride: Sequence[int], padding: Sequence[int],
                   dilation: Sequence[int], groups: int) -> torch.Tensor:
-    """conv2d with a compressed weight: decompress, then F.conv2d; NCHW in channels_last memory."""
+    """conv2d with a compressed weight: decompress, then F.conv2d; NCHW in channels_last memory.
+
+    A weight without elements (N = 0 or C_in = 0) gives the sum over no term: the bias (or zeros) in the
+    output's shape, as F.linear does for K = 0 (F.conv2d refuses N = 0 and returns 0 channels for C_in = 0)."""
+    if math.prod(shape) == 0:
+        out = x.new_zeros(conv_out_size(x.shape, shape, stride, padding, dilation))
+        if bias is not None:
+            out += bias.to(x.dtype).view(1, -1, 1, 1)
+        return out.contiguous(memory_format=torch.channels_last)
     w = decompress(bits, values, shape).to(x.dtype)
     out = F.conv2d(x, w, None if bias is None else bias.to(x.dtype), tuple(stride), tuple(padding), tuple(dilation),
                    groups)

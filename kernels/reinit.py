@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 # the host side (no Triton), re-exported under the old names
+from .device import launch_guard
 from .launch import (_PACKED, GPU_TILE_GROUPS, SCHEMES, _as_words, _Job, _new_table, check_generation,  # noqa: F401
                      capturing, dtype_groups, fans_of, launch_table, prepare, refuse_in_capture,
                      scheme_params, tile_groups)
@@ -21,8 +22,8 @@ from .rng import box_muller_groups, cast_rtne, philox_group, select4, splitmix64
 GPU_NUM_WARPS = 8
 
 
-@triton.jit
-def _reinit_kernel(w_base, m_base, meta, tile_tensor, seed, stream_prefix, BQ: tl.constexpr,
+@triton.jit(do_not_specialize=["seed", "stream_prefix"])
+def _reinit_kernel(w_base, m_base, meta, tile_tensor, seed: tl.int64, stream_prefix: tl.int64, BQ: tl.constexpr,
                    HAS_NORMAL: tl.constexpr):
     """One tile = BQ groups of 4 consecutive elements of one tensor.
 
@@ -32,6 +33,8 @@ def _reinit_kernel(w_base, m_base, meta, tile_tensor, seed, stream_prefix, BQ: t
     tile_tensor: int32 [n_tiles], the tensor index of each tile. seed: Philox key (int64).
     stream_prefix: the (purpose, generation) part of the streams; a tensor's stream is
     splitmix64(stream_prefix ^ layer id), as on the host, so the tables are built once per plan.
+    seed and stream_prefix are typed int64 and not specialised (``do_not_specialize``): a new generation's
+    prefix (or a seed that happens to fit in int32, or be divisible by 16) reuses the compiled kernel.
     HAS_NORMAL: whether any tensor of the launch is kind 1; the fp64 Box-Muller costs registers and
     stack, so uniform-only launches (the default KE reset) compile without it, and launches with it
     draw the tile in 4 sequential sub-tiles of BQ // 4 groups to bound the registers.
@@ -83,8 +86,10 @@ def reset_entries_(weights: list[torch.Tensor], words: list[torch.Tensor], table
         return
     w_ptrs, m_ptrs = [x.data_ptr() for x in weights], [x.data_ptr() for x in words]
     w_base, m_base = weights[w_ptrs.index(min(w_ptrs))], words[m_ptrs.index(min(m_ptrs))]
-    _reinit_kernel[(tiles.numel(),)](w_base, m_base, addressed(table, weights, w_ptrs, words, m_ptrs), tiles, seed,
-                                     prefix, BQ=tile_groups(), HAS_NORMAL=has_normal, num_warps=GPU_NUM_WARPS)
+    with launch_guard(w_base):
+        _reinit_kernel[(tiles.numel(),)](w_base, m_base, addressed(table, weights, w_ptrs, words, m_ptrs), tiles,
+                                         seed, prefix, BQ=tile_groups(), HAS_NORMAL=has_normal,
+                                         num_warps=GPU_NUM_WARPS)
 
 
 # The kernel reaches every tensor as an offset from the lowest-addressed one, so the offsets are taken from

@@ -73,12 +73,20 @@ def select4(j, a, b, c, d):
 
 @triton.jit
 def cast_rtne(x, dtype: tl.constexpr):
-    """fp32 -> ``dtype`` rounding to nearest even, bit-identical on GPU, interpreter and CPU.
+    """fp32 ``x`` -> ``dtype`` rounded to nearest, ties to even: torch's ``x.to(dtype)`` for every fp32 input.
 
-    bf16 is rounded by hand in integers: the interpreter truncates a plain ``.to(tl.bfloat16)``."""
+    bf16 is rounded by hand in integers, because the interpreter truncates a plain ``.to(tl.bfloat16)``:
+    ``(b + 0x7FFF + lsb) >> 16`` on the bits ``b`` rounds every finite value and +-Inf correctly (a carry out
+    of the mantissa raises the exponent; from the largest finite values it gives Inf, as torch does). A NaN
+    with low bits set (a GPU's NaN is 0x7FFFFFFF) would carry into the sign (-0) or leave a zero mantissa
+    (Inf), so a NaN first becomes the quiet NaN of its sign and upper payload with a zero low half, which
+    rounds to itself. NaN payloads are unspecified (torch's CPU cast returns 0xFFFF, a GPU's cvt 0x7FFF):
+    only "NaN stays NaN" is a contract. (Written as one select before the add: a select after it made
+    ptxas spill on sm_80.) fp16 and fp32 use the plain conversion: round to nearest even on a GPU and in
+    the interpreter (numpy)."""
     if dtype == tl.bfloat16:
         b = x.to(tl.uint32, bitcast=True)
-        b = b + 0x7FFF + ((b >> 16) & 1)
-        return (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        b = tl.where(x != x, (b | 0x400000) & 0xFFFF0000, b)
+        return ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(dtype)

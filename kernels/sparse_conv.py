@@ -1,25 +1,8 @@
 """Sparse WELS conv2d / linear reading bit-mask-compressed weights, decoded in registers, fed to tl.dot.
 
-Compressed format (one layer, :class:`Compressed`):
-
-* The weight is viewed as a matrix ``[N, K]`` with N = output channels and K in *implicit-GEMM order*
-  ``(kh, kw, C_in/groups)`` — channel fastest, matching NHWC activations — so a conv weight
-  ``[N, C, R, S]`` is permuted to ``[N, R, S, C]`` first (a linear weight ``[N, K]`` is already there).
-* ``bits``: int32 ``[N, T]``, ``T = ceil(K / 32)``; bit b of word (n, t) keeps element ``k = 32 t + b``
-  of row n. Rows start on a word boundary (unlike the flat mask format) so a K-tile of 32 is one word.
-* ``values``: the kept values (``nnz`` of them, fp32 / fp16 / bf16) *chunk-major*: a chunk is 8 words
-  (256 k) of a row; chunk 0 of rows 0..N-1, then chunk 1 of rows 0..N-1, ...; within a chunk of a row k
-  ascending. So the values a program reads for a block of consecutive rows in one chunk are one contiguous
-  run, whatever its block size.
-* ``offsets``: int64 ``[N, ceil(T / 8)]``, the index in ``values`` of the first kept value of (row n,
-  chunk c): a tile decodes from its chunk's offset plus popcounts of at most 7 earlier words of the row,
-  never scanning its row. (With one chunk per row, K <= 256, the order is simply row by row.)
-
-Memory: ``s*bits + 1 + 0.25`` bits per weight, i.e. 57.8 % of dense bf16 at s = 0.5.
-A weight tile ``[32, BLOCK_N]`` is decoded as ``value = bit ? values[offset + popcount(word & (2^b - 1))] : 0``.
-
-Kernels: the tiled implicit GEMM (``tl.dot``, autotuned), depthwise, and for at most ``SKINNY_MAX_ROWS`` GEMM
-rows the split-K skinny kernel (batch-1 linears, small late convs): the launchers pick by rows.
+The weights come in the compressed format of :mod:`.compressed` (its names are re-exported here). Kernels:
+the tiled implicit GEMM (``tl.dot``, autotuned), depthwise, and for at most ``SKINNY_MAX_ROWS`` GEMM rows the
+split-K skinny kernel (batch-1 linears, small late convs): the launchers pick by rows.
 """
 from __future__ import annotations
 
@@ -33,8 +16,10 @@ import triton.language as tl
 
 from . import backend, reference
 # the format's host side (no Triton), re-exported under the old names
-from .format import (CHUNK_WORDS, DTYPES, Compressed, _chunk_offsets, check_conv_args,  # noqa: F401
-                     check_linear_args, compress, conv_out_size, decompress, density_of, gemm_order)
+from .compressed import (CHUNK_WORDS, DTYPES, Compressed, _chunk_offsets, check_compressed,  # noqa: F401
+                         check_conv_args, check_linear_args, compress, decompress, density_of, gemm_order)
+from .device import launch_guard
+from .reference import conv_out_size
 from .rng import cast_rtne
 
 
@@ -199,9 +184,11 @@ def _skinny_kernel(out_ptr, part_ptr, count_ptr, x_ptr, bits_ptr, vals_ptr, offs
     of output tile j (SPLIT_WORDS is a multiple of 8: whole chunks, each read as one contiguous run of
     ``values`` from its ``offsets`` entry) into part_ptr[s] (fp32 [SPLIT_K, M, N]) and takes a ticket from
     count_ptr[j] (int32, zero before the launch); the program that draws the last ticket sums the SPLIT_K
-    partials in split order (deterministic), adds the bias and stores ``out``. SPLIT_K = 1 stores at once
-    (part/count unused). ONE_ROW (M = 1): FMAs into a [32, BLOCK_N] accumulator, reduced once at the end;
-    otherwise tl.dot on a [BLOCK_M, 32] x [32, BLOCK_N] step. The next word of the bit mask is loaded while
+    partials in split order (deterministic, whichever program draws it), adds the bias, stores ``out`` and
+    sets count_ptr[j] back to zero, so the launcher reuses one workspace without a memset (and a captured
+    CUDA graph replays it as is). SPLIT_K = 1 stores at once (part/count unused). T = 0 (K = 0) reads no
+    word and stores the bias (or zeros). ONE_ROW (M = 1): FMAs into a [32, BLOCK_N] accumulator, reduced
+    once at the end; otherwise tl.dot on a [BLOCK_M, 32] x [32, BLOCK_N] step. The next word of the bit mask is loaded while
     the current one decodes. Addressing as in :func:`_sparse_conv_kernel` (a linear layer: H = W = OH = OW =
     KW = 1, C = K)."""
     pid_n = tl.program_id(0)
@@ -218,7 +205,9 @@ def _skinny_kernel(out_ptr, part_ptr, count_ptr, x_ptr, bits_ptr, vals_ptr, offs
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     running = tl.zeros([BLOCK_N], dtype=tl.int32)  # seeded from offsets at each chunk start (t0 is one)
-    word = tl.load(bits_ptr + n * T + t0, mask=n_ok, other=0).to(tl.uint32, bitcast=True)  # t0 < T: no split is empty
+    # t0 < T unless T = 0 (K = 0: no word to read; bits may then be a null pointer). tl.where rather than
+    # `n_ok & (t0 < T)`: the interpreter makes an int8 mask of a tensor & scalar and refuses it
+    word = tl.load(bits_ptr + n * T + t0, mask=tl.where(t0 < T, n_ok, False), other=0).to(tl.uint32, bitcast=True)
     kk = tl.arange(0, 32).to(tl.uint32)[:, None]
     low = (tl.full([32, 1], 1, tl.uint32) << kk) - 1
     for t in range(t0, t1):
@@ -261,11 +250,51 @@ def _skinny_kernel(out_ptr, part_ptr, count_ptr, x_ptr, bits_ptr, vals_ptr, offs
                 total += tl.load(part_ptr + (s * M + m[:, None]) * N + n[None, :], mask=tile_ok, other=0.0,
                                  cache_modifier=".cg")
             _store_tile(out_ptr, total, bias_ptr, m, n, m_ok, n_ok, N, HAS_BIAS)
+            tl.atomic_xchg(count_ptr + pid_n, 0, sem="relaxed")  # every ticket is drawn: ready for the next launch
+
+
+_SM_COUNTS: dict[int, int] = {}
 
 
 def _sm_count(device: torch.device) -> int:
-    # the interpreter has no SMs: a nominal 2, so the tests' small shapes still split
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    """Streaming multiprocessors of a CUDA device, read once per device (``get_device_properties`` costs
+    microseconds per call); the interpreter has no SMs: a nominal 2, so the tests' small shapes still split."""
+    if device.type != "cuda":
+        return 2
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    count = _SM_COUNTS.get(index)
+    if count is None:
+        count = _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return count
+
+
+# Split-K workspaces: (fp32 partials [SPLIT_K, M, N], int32 tickets [tiles]) per (device, stream, SPLIT_K, M, N),
+# allocated zeroed on first use and kept for the life of the process (never evicted: a captured CUDA graph keeps
+# their addresses; a first use inside a capture allocates from the graph's pool, and the dict keeps it). The kernel
+# leaves the tickets at zero, so a launch needs no memset and no allocation. Keyed by stream because two launches of
+# one shape running concurrently on two streams must not share tickets; launches on one stream run one after another
+# (so do the launches of one graph captured on one stream; two graphs captured on one stream, replayed concurrently
+# on two streams, would share one workspace).
+_WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _stream_key(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    return triton.runtime.driver.active.get_current_stream(device.index)
+
+
+def skinny_workspace(device: torch.device, splits: int, m: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(partials, tickets) of a skinny launch with ``splits`` K splits on the current stream of ``device``: fp32
+    [splits, m, n_out] and int32 [ceil(n_out / SKINNY_BLOCK_N)] zeros, one each per (device, stream, splits,
+    m, n_out); one element each when nothing is split (the kernel does not touch them, but no pointer is null)."""
+    key = (device, _stream_key(device), splits, m, n_out) if splits > 1 else (device, 0, 1, 0, 0)
+    ws = _WORKSPACES.get(key)
+    if ws is None:
+        shape, tiles = ((splits, m, n_out), triton.cdiv(n_out, SKINNY_BLOCK_N)) if splits > 1 else ((1,), 1)
+        ws = _WORKSPACES[key] = (torch.zeros(shape, dtype=torch.float32, device=device),
+                                 torch.zeros(tiles, dtype=torch.int32, device=device))
+    return ws
 
 
 def skinny_split(n: int, t: int, device: torch.device, split_k: int | None = None) -> tuple[int, int]:
@@ -274,7 +303,7 @@ def skinny_split(n: int, t: int, device: torch.device, split_k: int | None = Non
     a number of splits (rounded to whole chunks; tests use it)."""
     chunks = max(1, triton.cdiv(t, CHUNK_WORDS))
     if split_k is None:
-        split_k = triton.cdiv(SKINNY_PROGRAMS_PER_SM * _sm_count(device), triton.cdiv(n, SKINNY_BLOCK_N))
+        split_k = triton.cdiv(SKINNY_PROGRAMS_PER_SM * _sm_count(device), max(1, triton.cdiv(n, SKINNY_BLOCK_N)))
     words = triton.cdiv(chunks, max(1, min(split_k, chunks))) * CHUNK_WORDS
     return triton.cdiv(max(t, 1), words), words
 
@@ -287,10 +316,7 @@ def _skinny_launch(out: torch.Tensor, x: torch.Tensor, bits: torch.Tensor, vals:
     t = bits.shape[1]
     splits, words = skinny_split(n_out, t, x.device, split_k)
     tiles = triton.cdiv(n_out, SKINNY_BLOCK_N)
-    # fresh zero counters per launch (a memset); one unused element each when nothing is split (no null pointer)
-    part = torch.empty((splits, m, n_out) if splits > 1 else (1,), dtype=torch.float32, device=x.device)
-    count = (torch.zeros if splits > 1 else torch.empty)(tiles if splits > 1 else 1, dtype=torch.int32,
-                                                         device=x.device)
+    part, count = skinny_workspace(x.device, splits, m, n_out)
     _skinny_kernel[(tiles, splits)](out, part, count, x, bits, vals, offsets, vals if bias is None else bias,
                                     m, n_out, k, t, offsets.shape[1], words, splits, *geometry,
                                     HAS_BIAS=bias is not None, ONE_ROW=m == 1, IEEE=x.dtype == torch.float32,
@@ -331,9 +357,16 @@ def _conv_launcher(dtype: torch.dtype, config: triton.Config | None = None):
     return _conv_tuned_fp32 if fp32 else _conv_tuned
 
 
-def _too_big(*numels: int) -> bool:
-    # the kernels index in int32; such layers take the (dense) reference path instead
-    return max(numels) > 2 ** 31 - 1
+INDEX_LIMIT = 2 ** 31 - 1
+
+
+def _too_big(x: torch.Tensor, bits: torch.Tensor, values: torch.Tensor, m: int, n_out: int, splits: int) -> bool:
+    """Whether an index of the sparse kernels could pass :data:`INDEX_LIMIT`: they index in int32 (fewer
+    registers), so a layer with any buffer of 2^31 elements or more takes the (dense) reference path. The
+    buffers: x, the bits (and the k of a row's last word, 32 per word), the values, the output (m x n_out)
+    and the skinny kernel's fp32 partials (splits x m x n_out); the offsets are smaller than the bits."""
+    return max(x.numel(), bits.numel(), 32 * bits.shape[-1], values.numel(), m * n_out, splits * m * n_out) \
+        > INDEX_LIMIT
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -346,37 +379,41 @@ def sparse_conv2d(x: torch.Tensor, bits: torch.Tensor, values: torch.Tensor, off
                   split_k: int | None = None) -> torch.Tensor:
     """Triton: conv2d of NCHW ``x`` (any memory format) with a compressed weight (groups 1 or depthwise).
 
-    Arguments validated by :func:`check_conv_args`; stride/padding/dilation are pairs. With groups = 1, up to
-    :data:`SKINNY_MAX_ROWS` GEMM rows (batch x output pixels) run the split-K skinny kernel (``split_k``
-    forces its number of splits), more rows the tiled kernel (``config`` forces one of :func:`gpu_configs`
-    and the tiled kernel at any size). Returns NCHW values in channels_last memory (the kernels compute
-    NHWC), as every implementation of the op does."""
+    Arguments validated by :func:`check_conv_args` and :func:`check_compressed`; stride/padding/dilation are
+    pairs. With groups = 1, up to :data:`SKINNY_MAX_ROWS` GEMM rows (batch x output pixels) run the split-K
+    skinny kernel (``split_k`` forces its number of splits), more rows the tiled kernel (``config`` forces one
+    of :func:`gpu_configs` and the tiled kernel at any size). Empty inputs give an empty output, C_in = 0 the
+    bias (or zeros). A layer with a buffer past :data:`INDEX_LIMIT` elements runs the reference
+    (:func:`_too_big`). Returns NCHW values in channels_last memory (the kernels compute NHWC), as every
+    implementation of the op does."""
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     bsz, n_out, oh, ow = conv_out_size(x.shape, shape, stride, padding, dilation)
-    if _too_big(x.numel(), values.numel(), bsz * oh * ow * n_out):
+    m, t = bsz * oh * ow, bits.shape[1]
+    skinny = groups == 1 and config is None and m <= SKINNY_MAX_ROWS
+    splits = skinny_split(n_out, t, x.device, split_k)[0] if skinny else 1
+    if _too_big(x, bits, values, m, n_out, splits):
         return reference.sparse_conv2d(x, bits, values, offsets, shape, bias, stride, padding, dilation, groups)
     _, c, h, w = x.shape
     s = shape[3]
     xh = x.permute(0, 2, 3, 1).contiguous()
     out = torch.empty(bsz, oh, ow, n_out, dtype=x.dtype, device=x.device)
-    m = bsz * oh * ow
     k = math.prod(shape[1:])
-    t = bits.shape[1]
     vals = values if values.dtype == x.dtype else values.to(x.dtype)
     b_arg = bias.to(x.dtype) if bias is not None else vals
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n_out, meta["BLOCK_N"]))  # noqa: E731
     if out.numel():
-        if groups == 1 and config is None and m <= SKINNY_MAX_ROWS:
-            _skinny_launch(out, xh, bits, vals, offsets, b_arg if bias is not None else None, m, n_out, k,
-                           (h, w, c, oh, ow, s, sh, sw, ph, pw, dh, dw), split_k)
-        elif groups == 1:
-            _conv_launcher(x.dtype, config)[grid](out, xh, bits, vals, offsets, b_arg, m, n_out, k, t,
-                                                  offsets.shape[1], h, w, c, oh, ow, s, sh, sw, ph, pw, dh, dw,
-                                                  HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
-                                                  UPCAST=_upcast(x.dtype))
-        else:
-            _dw_tuned[grid](out, xh, bits, vals, offsets, b_arg, m, n_out, k, t, offsets.shape[1], h, w,
-                            oh, ow, s, sh, sw, ph, pw, dh, dw, HAS_BIAS=bias is not None)
+        with launch_guard(x):
+            if skinny:
+                _skinny_launch(out, xh, bits, vals, offsets, b_arg if bias is not None else None, m, n_out, k,
+                               (h, w, c, oh, ow, s, sh, sw, ph, pw, dh, dw), split_k)
+            elif groups == 1:
+                _conv_launcher(x.dtype, config)[grid](out, xh, bits, vals, offsets, b_arg, m, n_out, k, t,
+                                                      offsets.shape[1], h, w, c, oh, ow, s, sh, sw, ph, pw, dh, dw,
+                                                      HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
+                                                      UPCAST=_upcast(x.dtype))
+            else:
+                _dw_tuned[grid](out, xh, bits, vals, offsets, b_arg, m, n_out, k, t, offsets.shape[1], h, w,
+                                oh, ow, s, sh, sw, ph, pw, dh, dw, HAS_BIAS=bias is not None)
     return out.permute(0, 3, 1, 2)
 
 
@@ -384,23 +421,27 @@ def sparse_linear(x: torch.Tensor, bits: torch.Tensor, values: torch.Tensor, off
                   shape: Sequence[int], bias: torch.Tensor | None, *, config: triton.Config | None = None,
                   split_k: int | None = None) -> torch.Tensor:
     """Triton: ``x @ (W*M).T + bias`` with a compressed [N, K] weight; x is [..., K] (validated by
-    :func:`check_linear_args`); ``config`` / ``split_k`` and the kernel choice by rows as in
-    :func:`sparse_conv2d`. Returns a contiguous [..., N] tensor."""
+    :func:`check_linear_args`); ``config`` / ``split_k``, the kernel choice by rows, empty inputs, K = 0 and
+    the size limit as in :func:`sparse_conv2d`. Returns a contiguous [..., N] tensor."""
     n_out, k = shape
-    if _too_big(x.numel(), values.numel(), x.numel() // max(k, 1) * n_out):
+    m = math.prod(x.shape[:-1])
+    skinny = config is None and m <= SKINNY_MAX_ROWS
+    splits = skinny_split(n_out, bits.shape[1], x.device, split_k)[0] if skinny else 1
+    if _too_big(x, bits, values, m, n_out, splits):
         return reference.sparse_linear(x, bits, values, offsets, shape, bias)
-    x2 = x.reshape(-1, k).contiguous()
-    m = x2.shape[0]
+    x2 = x.reshape(m, k).contiguous()
     out = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
     vals = values if values.dtype == x.dtype else values.to(x.dtype)
     b_arg = bias.to(x.dtype) if bias is not None else vals
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n_out, meta["BLOCK_N"]))  # noqa: E731
-    if out.numel() and config is None and m <= SKINNY_MAX_ROWS:
-        _skinny_launch(out, x2, bits, vals, offsets, b_arg if bias is not None else None, m, n_out, k,
-                       (1, 1, k, 1, 1, 1, 1, 1, 0, 0, 1, 1), split_k)
-    elif out.numel():
-        _conv_launcher(x.dtype, config)[grid](out, x2, bits, vals, offsets, b_arg, m, n_out, k, bits.shape[1],
-                                      offsets.shape[1], 1, 1, k, 1, 1, 1, 1, 1, 0, 0, 1, 1,
-                                      HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
-                                      UPCAST=_upcast(x.dtype))
+    if out.numel():
+        with launch_guard(x):
+            if skinny:
+                _skinny_launch(out, x2, bits, vals, offsets, b_arg if bias is not None else None, m, n_out, k,
+                               (1, 1, k, 1, 1, 1, 1, 1, 0, 0, 1, 1), split_k)
+            else:
+                _conv_launcher(x.dtype, config)[grid](out, x2, bits, vals, offsets, b_arg, m, n_out, k,
+                                                      bits.shape[1], offsets.shape[1], 1, 1, k, 1, 1, 1, 1, 1, 0, 0,
+                                                      1, 1, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
+                                                      UPCAST=_upcast(x.dtype))
     return out.view(*x.shape[:-1], n_out)

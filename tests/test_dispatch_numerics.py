@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ke_fast import dispatch, ops
-from ke_fast.kernels import format as kformat
+from ke_fast.kernels import compressed as kformat
 
 from conftest import DEVICE, HAS_CUDA, INTERPRETING
 

@@ -3,6 +3,9 @@ runs (Triton on the GPU or the interpreter, the reference) against F.conv2d / F.
 
 Inputs are rounded to the dtype under test first; the reference runs in fp64 on those rounded values, so
 the only error allowed is the kernel's own (accumulation order and the final rounding), judged with TOL."""
+import contextlib
+import inspect
+import linecache
 import math
 
 import pytest
@@ -12,7 +15,7 @@ import torch.nn.functional as F
 from ke_fast.kernels import sparse_conv as sc
 from ke_fast.ops import reload_settings
 
-from conftest import DEVICE, DTYPES, PAIRS, TOL, Impl
+from conftest import DEVICE, DTYPES, INTERPRETING, PAIRS, TOL, Impl
 
 SPARSE_PAIRS = [p for p in PAIRS if p[0] != "cpp"]  # the sparse ops have no C++ kernel (cpp runs the reference)
 
@@ -187,6 +190,204 @@ def test_skinny_conv_matches_reference(dtype, hw, stride, padding):
     ref = F.conv2d(x.double(), w.double() * m, b.double(), stride, padding)
     assert ref.shape[2] * ref.shape[3] <= sc.SKINNY_MAX_ROWS
     _check(out, ref, dtype)
+
+
+# ---- the split-K reduction in any order of its programs ------------------------------------------------
+# The interpreter runs a launch's programs one after another in grid order, so the program that draws a tile's
+# last ticket was always its last split: a reduction keyed on the split index instead of the ticket would pass.
+# This harness runs the real kernel under the interpreter with the programs of each launch in a chosen order
+# (it remaps the interpreter's sequential program ids), on a workspace whose partials are poisoned with NaN.
+#
+# What it proves: for every order tried - each split in turn the last of its tile, reversed, random - the
+# ticket protocol picks the program that runs last, that program sums every split's partial of this launch
+# (none is read before it is written: a stale or missing one would be NaN), the result is bit-identical
+# whatever the order (partials summed in split order), and the kernel leaves every ticket counter at zero for
+# the next launch on the same workspace. With 3 and 4 splits, linear and conv, one row (FMA) and several (dot).
+# Since each program's partial store precedes its ticket and the reduction follows the last ticket, any
+# concurrent interleaving reads the same values as one of these sequential orders *if* the memory ordering
+# holds. What it cannot prove: that memory ordering on a GPU (debug_barrier, the acq_rel atomic, .cg loads
+# making every partial visible to the last program), nor races inside a program: that needs a GPU
+# (test_skinny_split_k_repeats_bit_identically_on_cuda).
+
+def _grid_orders(splits: int):
+    """(name, order function) pairs: an order function maps the grid (tiles, splits, 1) to the programs' order."""
+    def split_last(s):
+        return lambda grid: ([(j, k, 0) for k in reversed(range(grid[1])) if k != s for j in range(grid[0])]
+                             + [(j, s, 0) for j in range(grid[0])])
+
+    def shuffled(seed):
+        def order(grid):
+            progs = [(j, k, 0) for j in range(grid[0]) for k in range(grid[1])]
+            perm = torch.randperm(len(progs), generator=torch.Generator().manual_seed(seed)).tolist()
+            return [progs[i] for i in perm]
+        return order
+
+    return ([("in-order", None), ("reversed", lambda g: [(j, k, 0) for j in reversed(range(g[0]))
+                                                         for k in reversed(range(g[1]))])]
+            + [(f"split{s}-last", split_last(s)) for s in range(splits)]
+            + [("random", shuffled(splits))])
+
+
+@contextlib.contextmanager
+def _programs_in_order(order_fn):
+    """Run every interpreted launch's programs in ``order_fn(grid)``'s order (None: grid order). Yields the list
+    of orders actually run, one per launch."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    set_dim, set_idx = builder.set_grid_dim, builder.set_grid_idx
+    runs: list[list[tuple[int, int, int]]] = []
+
+    def grid_dim(nx, ny, nz):
+        set_dim(nx, ny, nz)
+        full = [(x, y, z) for x in range(nx) for y in range(ny) for z in range(nz)]
+        order = full if order_fn is None else order_fn((nx, ny, nz))
+        assert sorted(order) == full, "an order must run every program once"
+        runs.append(list(order))
+        grid_dim.next = iter(order)
+
+    builder.set_grid_dim = grid_dim
+    builder.set_grid_idx = lambda x, y, z: set_idx(*next(grid_dim.next))
+    try:
+        yield runs
+    finally:
+        builder.set_grid_dim, builder.set_grid_idx = set_dim, set_idx
+
+
+_SPLIT_CASES = [  # (name, x shape, weight shape, conv stride/padding or None, split_k asked, splits expected)
+    ("linear-1row-3splits", (1, 520), (50, 520), None, 3, 3),  # K = 520: 17 words, chunks of 8, 8, 1
+    ("linear-5rows-3splits-2tiles", (5, 520), (77, 520), None, 3, 3),  # two output tiles: one counter each
+    ("conv-1px-4splits", (1, 89, 3, 3), (40, 89, 3, 3), ((1, 1), (0, 0)), 4, 4),  # K = 801: 26 words
+    ("conv-6px-padded-3splits", (1, 58, 3, 2), (40, 58, 3, 3), ((1, 1), (1, 1)), 3, 3),  # windows in the padding
+]
+
+
+def _split_run(case, dtype=torch.float32, seed=0):
+    """(out, reference in fp64, splits, the workspace) of one skinny launch of a case with a poisoned workspace."""
+    _, x_shape, w_shape, geometry, split_k, _ = case
+    x, w, m, b = _data(seed, x_shape, w_shape, 0.4, dtype, True, "cpu")
+    cw = sc.compress(w, m)
+    k = math.prod(w_shape[1:])
+    if geometry is None:
+        rows = math.prod(x_shape[:-1])
+        ref = F.linear(x.double(), w.double() * m, b.double())
+    else:
+        ref = F.conv2d(x.double(), w.double() * m, b.double(), *geometry)
+        rows = ref.shape[0] * ref.shape[2] * ref.shape[3]
+    splits, _ = sc.skinny_split(w_shape[0], (k + 31) // 32, x.device, split_k)
+    part, count = sc.skinny_workspace(x.device, splits, rows, w_shape[0])
+    part.fill_(float("nan"))  # a partial read before this launch wrote it shows up as NaN
+    if geometry is None:
+        out = sc.sparse_linear(x, cw.bits, cw.values, cw.offsets, list(cw.shape), b, split_k=split_k)
+    else:
+        out = sc.sparse_conv2d(x, cw.bits, cw.values, cw.offsets, list(cw.shape), b, list(geometry[0]),
+                               list(geometry[1]), [1, 1], 1, split_k=split_k)
+    return out, ref, splits, count
+
+
+_INTERPRETED = pytest.mark.skipif(not INTERPRETING, reason="orders the programs of an interpreted launch; a GPU runs "
+                                                           "them concurrently (see the CUDA repeat test)")
+
+
+@_INTERPRETED
+@pytest.mark.parametrize("case", _SPLIT_CASES, ids=[c[0] for c in _SPLIT_CASES])
+def test_skinny_split_k_reduction_in_any_program_order(case):
+    """The skinny kernel's split-K result is correct and bit-identical for every order of its programs; the ticket
+    counters are zero after every launch (see the harness notes above)."""
+    results = {}
+    for name, order_fn in _grid_orders(case[5]):
+        with _programs_in_order(order_fn) as runs:
+            out, ref, splits, count = _split_run(case)
+        assert splits == case[5] >= 3 and len(runs) == 1 and len(runs[0]) == splits * -(-case[2][0] // sc.SKINNY_BLOCK_N)
+        _check(out, ref, torch.float32)
+        assert not bool(count.any()), f"{name}: ticket counters left at {count.tolist()}"
+        results[name] = out
+    first = results["in-order"]
+    for name, out in results.items():
+        assert torch.equal(out, first), f"{name} differs from grid order: the reduction depends on the order"
+
+
+@_INTERPRETED
+def test_skinny_split_k_workspace_reused_across_launches():
+    """Two launches of one shape share the workspace (no memset between them): the second, with other inputs and
+    its programs reversed, is still right, so the kernel really left its tickets at zero."""
+    case = _SPLIT_CASES[1]
+    out1, ref1, splits, count1 = _split_run(case, seed=1)
+    with _programs_in_order(lambda g: [(j, k, 0) for j in reversed(range(g[0])) for k in reversed(range(g[1]))]):
+        out2, ref2, _, count2 = _split_run(case, seed=2)
+    assert count1 is count2 and splits == case[5]
+    _check(out1, ref1, torch.float32)
+    _check(out2, ref2, torch.float32)
+
+
+@_INTERPRETED
+def test_split_k_harness_catches_a_reduction_keyed_on_the_split_index(monkeypatch):
+    """A kernel whose reduction is done by the last *split* instead of the last *ticket* passes in grid order (what
+    the interpreter always ran) and fails as soon as another split runs last: the harness can fail."""
+    src = inspect.getsource(sc._skinny_kernel.fn)
+    broken = src.replace("if ticket == SPLIT_K - 1:", "if pid_k == SPLIT_K - 1:")
+    assert broken != src, "the kernel's reduction test changed: update this mutation"
+    filename = "<skinny kernel reduced by the last split>"
+    linecache.cache[filename] = (len(broken), None, broken.splitlines(True), filename)  # the interpreter reads source
+    namespace = dict(vars(sc))
+    exec(compile(broken, filename, "exec"), namespace)
+    monkeypatch.setattr(sc, "_skinny_kernel", namespace["_skinny_kernel"])
+    case = _SPLIT_CASES[0]
+    out, ref, _, _ = _split_run(case)
+    _check(out, ref, torch.float32)  # grid order: the last split is the last program, and it passes
+    with _programs_in_order(_grid_orders(case[5])[2][1]):  # split 0 last
+        out, ref, _, _ = _split_run(case)
+    assert torch.isnan(out).any() or not torch.allclose(out.double(), ref, **TOL[torch.float32])
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a GPU: its programs run concurrently")
+@pytest.mark.parametrize("case", _SPLIT_CASES, ids=[c[0] for c in _SPLIT_CASES])
+def test_skinny_split_k_repeats_bit_identically_on_cuda(case):
+    """On a GPU the split programs race for the tickets: 200 launches give bit-identical results (partials summed in
+    split order whichever program draws the last ticket), close to the fp64 reference, counters back at zero."""
+    _, x_shape, w_shape, geometry, split_k, _ = case
+    x, w, m, b = _data(0, x_shape, w_shape, 0.4, torch.float32, True, "cuda")
+    cw = sc.compress(w, m)
+    if geometry is None:
+        run = lambda: sc.sparse_linear(x, cw.bits, cw.values, cw.offsets, list(cw.shape), b, split_k=split_k)  # noqa
+        ref = F.linear(x.double(), w.double() * m, b.double())
+    else:
+        run = lambda: sc.sparse_conv2d(x, cw.bits, cw.values, cw.offsets, list(cw.shape), b,  # noqa: E731
+                                       list(geometry[0]), list(geometry[1]), [1, 1], 1, split_k=split_k)
+        ref = F.conv2d(x.double(), w.double() * m, b.double(), *geometry)
+    first = run().clone()
+    _check(first, ref, torch.float32)
+    for _ in range(200):
+        assert torch.equal(run(), first)
+    for part, count in sc._WORKSPACES.values():
+        assert not bool(count.any())
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="captures a CUDA graph")
+def test_skinny_split_k_in_a_cuda_graph(monkeypatch):
+    """A 3-split skinny launch captured once and replayed with new inputs equals eager every time: the workspace
+    (first used inside the capture: allocated from the graph's pool, then kept) outlives the capture, and the
+    kernel resets its tickets on every replay (no memset node, no allocation per call)."""
+    monkeypatch.setattr(sc, "_WORKSPACES", {})
+    _, x_shape, w_shape, _, split_k, _ = _SPLIT_CASES[1]
+    x, w, m, b = _data(0, x_shape, w_shape, 0.4, torch.float32, True, "cuda")
+    cw = sc.compress(w, m)
+    run = lambda: sc.sparse_linear(x, cw.bits, cw.values, cw.offsets, list(cw.shape), b, split_k=split_k)  # noqa
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile outside the capture
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for seed in (1, 2, 3):
+        x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).cuda())
+        graph.replay()
+        torch.cuda.synchronize()
+        _check(out, F.linear(x.double(), w.double() * m, b.double()), torch.float32)
+        assert torch.equal(out, run())
+    assert all(not bool(count.any()) for _, count in sc._WORKSPACES.values())
 
 
 # ---- the compressed format -----------------------------------------------------------------------

@@ -14,7 +14,7 @@ from torch import nn
 
 import ke_fast
 from ke_fast import SparseConv2d, SparseLinear, dispatch, ops
-from ke_fast.kernels import format as kformat
+from ke_fast.kernels import compressed as kformat
 from ke_fast.kernels import sparse_conv as sc
 
 from conftest import DEVICE, HAS_CUDA, INTERPRETING, TOL

@@ -257,9 +257,11 @@ class ImageSet(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        x = self.centre_views(torch.tensor([int(i)]))[0]
+        # a training set renders this one view (the same computation every time: data fingerprints sample
+        # items), rounded like ``images`` (a batched render may differ by one level at a tie)
+        v = self.images[i] if not self.train else A.to_uint8(self.centre_views(torch.tensor([int(i)])))[0]
         mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
-        return (x / 255 - mean) / std, int(self.labels[i])
+        return (v.float() / 255 - mean) / std, int(self.labels[i])
 
 
 def decode_all(sets: list[ImageSet]) -> None:

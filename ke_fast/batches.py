@@ -24,7 +24,7 @@ import math
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
@@ -119,6 +119,56 @@ def _as_tensors(data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([torch.as_tensor(x) for x, _ in items]), torch.as_tensor([int(y) for _, y in items])
 
 
+def _prefetch(cuts: list[torch.Tensor], gather: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
+              device: torch.device) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Host-resident data: a thread gathers each batch (``gather``: into pinned memory for CUDA) two batches
+    ahead; the copy to the device is asynchronous (the caching host allocator keeps a buffer until its copy is
+    done). The thread ends with the epoch, or as soon as the consumer stops early."""
+    ready: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for pos in cuts:
+                item = gather(pos)
+                while not stop.is_set():
+                    try:
+                        ready.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as exc:  # handed to the consumer, which raises it
+            ready.put(exc)
+
+    thread = threading.Thread(target=work, name="ke_fast-prefetch", daemon=True)
+    thread.start()
+    try:
+        for _ in cuts:
+            item = ready.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield tuple(t.to(device, non_blocking=True) for t in item)
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _class_index(y: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """(labels, items sorted by class, count and first position of each class) on the host, or None when the
+    labels are no class labels (floats, negative integers)."""
+    labels = y.cpu()
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        return None
+    labels = labels.to(torch.int64)
+    try:
+        count = torch.bincount(labels, minlength=1)
+    except RuntimeError:  # negative labels
+        return None
+    return labels, torch.argsort(labels, stable=True), count, count.cumsum(0) - count
+
+
 class Batches:
     """One data set as tensors, cut into batches on ``device``.
 
@@ -185,11 +235,7 @@ class Batches:
             self._scale, self._shift = 1 / (255 * std), -mean / std
             self._norm = (tuple(1 / (255 * s) for s in IMAGENET_STD),
                           tuple(-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)))
-        if train:  # CS-KD partners: the items of each class, by class
-            labels = self._labels = y.cpu()
-            self._by_class = torch.argsort(labels, stable=True)
-            self._class_count = torch.bincount(labels) if len(labels) else torch.zeros(0, dtype=torch.int64)
-            self._class_start = self._class_count.cumsum(0) - self._class_count
+        self._classes = _class_index(y) if train else None  # for CS-KD pairs
         if self.augment and self.device.type == "cuda":
             from .kernels import augment_triton
             augment_triton.constants(self.device)  # made now: never inside a captured graph
@@ -211,10 +257,13 @@ class Batches:
             total = math.ceil(n / self.world) * self.world
             order = torch.cat([order, order[: total - n]])
         if pairs:
+            if self._classes is None:
+                raise ValueError("pairs=True (CS-KD) needs class labels (integers >= 0)")
+            labels, by_class, count, start = self._classes
             u = reference.random_bits(0, len(order), draw_seed(seed, generation, epoch), PAIR_STREAM)
-            label = self._labels[order]
-            pick = ((u >> 8) * self._class_count[label]) >> 24  # floor(uniform * count), exact in int64
-            order = torch.stack([order, self._by_class[self._class_start[label] + pick]], 1)
+            label = labels[order]
+            pick = ((u >> 8) * count[label]) >> 24  # floor(uniform * count), exact in int64
+            order = torch.stack([order, by_class[start[label] + pick]], 1)
         return order[self.rank::self.world]
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
@@ -245,7 +294,7 @@ class Batches:
             bounds = [0, *itertools.accumulate(len(c) for c in cuts)]
             gathered = (self._gather(order[bounds[b]:bounds[b + 1]]) for b in range(len(cuts)))
         else:
-            gathered = self._prefetch(cuts)
+            gathered = _prefetch(cuts, self._gather_host, self.device)
         for b, g in enumerate(gathered):
             key = None if keys is None else (keys[b], None if device_keys is None else device_keys[b:b + 1])
             yield self._finish(g, key), g[-1]
@@ -290,40 +339,6 @@ class Batches:
         x = torch.empty((len(ids), *self.x.shape[1:]), dtype=self.x.dtype, pin_memory=self._pin)
         torch.index_select(self.x, 0, ids, out=x)
         return x, y
-
-    def _prefetch(self, cuts: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, ...]]:
-        """Host-resident data: a thread gathers each batch (into pinned memory for CUDA) two batches ahead; the
-        copy to the device is asynchronous (the caching host allocator keeps a buffer until its copy is done).
-        The thread ends with the epoch, or as soon as the consumer stops early."""
-        ready: queue.Queue = queue.Queue(maxsize=2)
-        stop = threading.Event()
-
-        def gather() -> None:
-            try:
-                for pos in cuts:
-                    item = self._gather_host(pos)
-                    while not stop.is_set():
-                        try:
-                            ready.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
-                        return
-            except BaseException as exc:  # handed to the consumer, which raises it
-                ready.put(exc)
-
-        thread = threading.Thread(target=gather, name="ke_fast-prefetch", daemon=True)
-        thread.start()
-        try:
-            for _ in cuts:
-                item = ready.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield tuple(t.to(self.device, non_blocking=True) for t in item)
-        finally:
-            stop.set()
-            thread.join()
 
     def _finish(self, g: tuple[torch.Tensor, ...], key: tuple[int, torch.Tensor | None] | None) -> torch.Tensor:
         """Gathered items -> model inputs: training images cropped, resized, flipped and normalised (one Triton

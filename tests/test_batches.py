@@ -148,6 +148,10 @@ def test_cskd_pair_batches():
     assert torch.equal(shards[0], whole[0::2]) and torch.equal(shards[1], whole[1::2])
     with pytest.raises(ValueError, match="CS-KD"):
         next(Batches(data, CPU, False).epoch(8, pairs=True))
+    targets = Batches(TensorDataset(torch.zeros(5, 1), torch.linspace(0, 1, 5)), CPU, True)  # regression
+    assert len(list(targets.epoch(2))) == 3
+    with pytest.raises(ValueError, match="needs class labels"):
+        next(targets.epoch(2, pairs=True))
 
 
 def test_cskd_pairs_of_images_are_augmented_each():

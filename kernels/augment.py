@@ -156,9 +156,9 @@ def resample(pixels: torch.Tensor, offsets: torch.Tensor, shapes: torch.Tensor, 
              max_width: int) -> torch.Tensor:
     """The views ``(y, x)`` (fp64 [B, 5] each) of images ``ids`` as fp32 [B, 3, size, size] in 0..255.
 
-    Batched PyTorch: vertical pass from the uint8 rows (each row window gathered from a strided view of the
-    store), horizontal pass from the intermediate rows, each a weighted sum over at most
-    :func:`max_taps` taps; ``max_side`` / ``max_width`` are bounds over the whole store, so no tensor value
+    Batched PyTorch: the vertical pass a weighted sum over at most :func:`max_taps` uint8 rows (each row window
+    gathered from a strided view of the store), the horizontal pass a product with each sample's dense
+    weight matrix; ``max_side`` / ``max_width`` are bounds over the whole store, so no tensor value
     is read on the host. ``flip`` (bool [B]) mirrors views horizontally. Samples go in chunks that bound the
     float temporaries to about 64 MB."""
     k = max_taps(max_side, size)
@@ -180,12 +180,13 @@ def resample(pixels: torch.Tensor, offsets: torch.Tensor, shapes: torch.Tensor, 
         start = off[:, None, None] + (r * hw[:, 1, None, None] + x[sl, 3].to(torch.int64)[:, None, None]) * 3
         v = rows.index_select(0, start.reshape(-1)).view(n, size, k, window).to(torch.float32)
         v = torch.matmul(wy[:, :, None, :], v).view(n, size, max_width, 3)
-        # horizontal: windows of k pixels of the intermediate rows, starting at xs - lo_x
-        v = torch.cat([v, v.new_zeros(n, size, k, 3)], 2).reshape(-1)
-        cols = xs - x[sl, 3, None].to(torch.int64)
-        win = (torch.arange(n * size, device=ids.device).view(n, size, 1) * (max_width + k) + cols[:, None, :])
-        v = v.unfold(0, 3 * k, 3).index_select(0, win.reshape(-1)).view(n, size, size, k, 3)
-        out[sl] = (v * wx[:, None, :, :, None]).sum(3).permute(0, 3, 1, 2)
+        # horizontal: the k weights of each output column scattered into a dense [size, max_width] matrix per
+        # sample, one batched matrix product (faster on CPUs than gathering k-pixel windows)
+        cols = xs - x[sl, 3].to(torch.int64)[:, None]
+        dense = wx.new_zeros(n, size, max_width + k).scatter_(2, cols[..., None] + torch.arange(k, device=ids.device),
+                                                              wx)[..., :max_width]
+        v = torch.bmm(dense, v.permute(0, 2, 1, 3).reshape(n, max_width, size * 3))
+        out[sl] = v.view(n, size, size, 3).permute(0, 3, 2, 1)
     return out
 
 

@@ -59,7 +59,7 @@ def _store(dst, v, scale, shift, mask, OUT_U8: tl.constexpr):
         tl.store(dst, cast_rtne(v * scale + shift, dst.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stream"])  # the rank: 1 would otherwise become a constant of its own compile
 def _augment_kernel(out_ptr, pix_ptr, off_ptr, shape_ptr, ids_ptr, key_ptr, box_ptr, const_ptr,
                     s_b, s_c, s_y, s_x, stream, size, resize,
                     sc0, sc1, sc2, sh0, sh1, sh2,

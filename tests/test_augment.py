@@ -229,3 +229,13 @@ def test_store_is_checked():
         A.check_store(pixels.float(), offsets, shapes)
     with pytest.raises(ValueError, match="shapes must be int64"):
         A.check_store(pixels, offsets, shapes[:2])
+
+
+def test_aot_specs_name_every_kernel_argument():
+    """The ahead-of-time specs (for kernels/aot.py's sm_80 / sm_90 compile) cover each kernel parameter."""
+    pytest.importorskip("triton")
+    from ke_fast.kernels import augment_triton as T
+
+    specs = T.aot_specs()
+    params = [p for p in T._augment_kernel.arg_names]
+    assert len(specs) == 8 and all(list(sig) == params for _, _, sig, _, _ in specs)

@@ -227,3 +227,18 @@ def test_making_batches_reads_nothing_back(pairs, monkeypatch):
         with _HostReads() as mode:
             steps = sum(1 for _ in b.epoch(batch_size, 1, 1, 1, pairs))
         assert steps == 12 // batch_size and mode.reads == 0 and calls["tolist"] == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the fused Triton kernel makes CUDA batches")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_batches_match_the_cpu_path(channels_last):
+    """On CUDA one Triton launch per batch: the same crops as the CPU path (boxes bit for bit, values within the
+    kernel tolerance of test_augment), in the requested memory format; evaluation batches identical."""
+    data = _images(n=10)
+    cpu = list(Batches(data, CPU, True).epoch(4, 3, 1, 2, pairs=True))
+    gpu = list(Batches(data, torch.device("cuda"), True, channels_last=channels_last).epoch(4, 3, 1, 2, pairs=True))
+    for (x, y), (xg, yg) in zip(cpu, gpu):
+        assert xg.is_contiguous(memory_format=torch.channels_last) == channels_last
+        assert torch.equal(y, yg.cpu()) and torch.allclose(x, xg.cpu(), atol=1e-4)
+    e, eg = (next(Batches(data, d, False).epoch(10))[0] for d in (CPU, torch.device("cuda")))
+    assert torch.allclose(e, eg.cpu(), atol=1e-6)

@@ -33,6 +33,7 @@ from . import kernels as K
 from .imageset import IMAGENET_MEAN, IMAGENET_STD, ImageSet
 from .kernels import augment as A
 from .kernels import reference
+from .kernels.augment import CROP_RATIO, CROP_SCALE, CROP_TRIES  # noqa: F401  (their old home)
 
 _M62 = (1 << 62) - 1
 PAIR_STREAM = 1 << 32  # Philox stream of the CS-KD partners (augmentation uses the streams 0 .. world-1)

@@ -158,6 +158,16 @@ def test_unreadable_image_is_named_before_any_decoding(tmp_path):
         load(root, size=16)
 
 
+def test_cli_exits_2_on_a_bad_list(tmp_path, capsys):
+    root = _lists(tmp_path / "flower102", "jpg", FLOWER)
+    _bad(root, "tst.csv", "file_name,label\nnope.jpg,2\n")
+    assert cli.main(["run", "--dataset", str(root), "--image-size", "16", "--device", "cpu", "--no-progress",
+                     "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "tst.csv' row 1 (line 2) names" in err and "nope.jpg" in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_folder_in_no_layout_shows_the_layouts_as_trees(tmp_path):
     (tmp_path / "stuff" / "lists").mkdir(parents=True)
     for root in (tmp_path / "stuff", tmp_path / "stuff" / "lists"):

@@ -5,22 +5,25 @@ A training split keeps every image at its own aspect ratio, its shorter side bro
 random-resized crop of each batch is taken from the whole image (``ke_fast.batches``). An evaluation split
 keeps the official evaluation view (``Resize(round(size * 256/224))`` + ``CenterCrop(size)``, torchvision's
 rule, PIL's antialiased bilinear) as uint8 [N, 3, size, size]. Every file is opened once (threads), its
-header read before any pixel is decoded, and the result cached on disk (``<cache_dir>/<name>-<side>.pt``;
-rebuilt when a file is added, removed or modified, or the decoding changes).
+header read before any pixel is decoded, and the result cached on disk (``<cache_dir>/<name>-<size>.pt``, a
+store ``<name>-store<short side>.pt``; rebuilt when a file is added, removed or modified, or the decoding
+changes).
 
-Memory of the store (3 bytes per stored pixel; sizes of the originals are typical values, not measured here):
-=================  ======  ===================  ==============  ===========  ========
-data set           images  typical original     short side 256  448 (2x224)  original
-=================  ======  ===================  ==============  ===========  ========
-Flower102          8,189   500 x 667            2.1 GB          6.6 GB       8.2 GB
-CUB-200-2011       11,788  500 x 375            3.1 GB          6.6 GB       6.6 GB
-FGVC-Aircraft      10,000  1400 x 950 (1-2 MP)  2.9 GB          8.9 GB       40 GB
-=================  ======  ===================  ==============  ===========  ========
-The default, ``2 * size`` (448 at 224), keeps CUB's images as they are and Flower102's nearly so: the
-smallest crop (8 % of the area) of a 448 x 597 image is ~127 x 127 pixels before its resize to 224, against
-~72 x 72 from a 256 store, so small crops stay as sharp as from the original files. The whole training
-split is in memory (and on the GPU when it fits in ``--data-on-device``); the evaluation splits take
-3 * size^2 bytes per image (0.15 MB at 224).
+Memory (3 bytes per stored pixel; the originals' sizes are typical values, not measured here). The training
+split is a store; the validation and test splits are centre views (0.15 MB per image at 224):
+===============  ===================  ======================  ===========  ===========  ==========  ==========
+data set         typical original     images (train/val/test) train store  train store  eval views  every image
+                                                              short 256    short 448    at 224      store 448
+===============  ===================  ======================  ===========  ===========  ==========  ==========
+Flower102        500 x 667            1,020 / 1,020 / 6,149   0.27 GB      0.82 GB      1.08 GB     6.6 GB
+CUB-200-2011     500 x 375            5,994 / - / 5,794       1.57 GB      3.37 GB      0.87 GB     6.6 GB
+FGVC-Aircraft    1400 x 950 (1-2 MP)  3,334 / 3,333 / 3,333   0.97 GB      2.96 GB      1.00 GB     8.9 GB
+===============  ===================  ======================  ===========  ===========  ==========  ==========
+(last column: every image of the data set as a 448 store, as metric learning's pooled splits keep them;
+2.1 / 3.1 / 2.9 GB at 256; the originals themselves would take 8.2 / 6.6 / 40 GB.) The default short side,
+``2 * size`` (448 at 224), keeps CUB's images as they are and Flower102's nearly so: the smallest crop (8 %
+of the area) of a 448 x 597 image is ~127 x 127 pixels before its resize to 224, against ~72 x 72 from a
+256 store, so small crops stay about as sharp as from the original files.
 """
 from __future__ import annotations
 
@@ -128,7 +131,9 @@ class ImageSet(Dataset):
                                       for f, label, st in zip(files, labels, stats))
         self._key = hashlib.sha256(f"{CACHE_VERSION}:{train}:{side}:{self.resize}\n{self._fingerprint}\n".encode()
                                    + "\n".join(str(st.st_mtime_ns) for st in stats).encode()).hexdigest()
-        self.cache_file = cache_dir / f"{name}-{side}.pt" if cache_dir is not None else None
+        # a split may be cached both ways (centre views, or a store when splits are pooled): two names
+        stem = f"{name}-store{side}" if train else f"{name}-{side}"
+        self.cache_file = cache_dir / f"{stem}.pt" if cache_dir is not None else None
         self.from_cache = self._load_cache()
         self._pending = not self.from_cache
         if self._pending and not defer:

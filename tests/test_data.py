@@ -188,7 +188,7 @@ def test_image_cache_is_reused_and_invalidated(tmp_path):
     assert (classes, channels, len(train), len(test)) == (2, 3, 12, 4)
     assert train.pixels.dtype == torch.uint8 and train.shapes[0].tolist() == [14, 20]  # (h, w): smaller than 32
     assert test.images.shape == (4, 3, 16, 16) and not train.from_cache
-    assert sorted(p.name for p in (root / CACHE_DIR).iterdir()) == ["test-16.pt", "train-32.pt"]  # 32 = 2 * 16
+    assert sorted(p.name for p in (root / CACHE_DIR).iterdir()) == ["test-16.pt", "train-store32.pt"]  # 32 = 2 * 16
 
     again = image_folder(root, size=16).train
     assert again.from_cache and torch.equal(again.pixels, train.pixels) and torch.equal(again.shapes, train.shapes)
@@ -403,7 +403,7 @@ def test_cli_image_folder_end_to_end(tmp_path, capsys):
     assert ckpt["generation"] == 2 and len(ckpt["history"]) == 2
     assert ckpt["identity"]["--image-size"] == 32
     assert ckpt["model"]["fc.weight"].shape[0] == 3
-    assert sorted(p.name for p in (root / CACHE_DIR).iterdir()) == ["test-32.pt", "train-64.pt"]
+    assert sorted(p.name for p in (root / CACHE_DIR).iterdir()) == ["test-32.pt", "train-store64.pt"]
     # the second run decodes nothing: the cache files are read, not rewritten
     stamps = {p.name: p.stat().st_mtime_ns for p in (root / CACHE_DIR).iterdir()}
     assert cli.main([*args[:-1], str(tmp_path / "run2")]) == 0

@@ -242,9 +242,8 @@ class ImageSet(Dataset):
     @property
     def images(self) -> torch.Tensor:
         """uint8 [N, 3, size, size]: the centre views (a training set renders them from its store once)."""
-        if self._views is None:
-            ids = torch.arange(len(self))
-            self._views = A.to_uint8(self.centre_views(ids))
+        if self._views is None:  # in chunks: the floats of a whole split would take 4x its uint8 views
+            self._views = torch.cat([A.to_uint8(self.centre_views(ids)) for ids in torch.arange(len(self)).split(256)])
         return self._views
 
     def centre_views(self, ids: torch.Tensor) -> torch.Tensor:

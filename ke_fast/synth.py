@@ -2,9 +2,9 @@
 
 Each class has its own colour, shape (disc, square, triangle, bars, ring, cross), texture and background
 tint; every image puts its class's shape at a random place, size and shade on a half-random background with
-noise (and JPEG's), so the classes are learnable but not trivial. Sizes and aspect ratios are those of the real data sets (``scale`` shrinks them
-for quick tests): Flower102 500 x 375..700 (portrait and landscape), FGVC-Aircraft wide 1.3..1.8 : 1 at
-~1 MP, the ImageFolder tree CUB-200-like 500 x 333..500. Everything is a function of the seed (one
+noise (and JPEG's), so the classes are learnable but not trivial. Sizes and aspect ratios are those of the
+real data sets (``scale`` shrinks them for quick tests): Flower102 500 x 375..700 (portrait and landscape),
+FGVC-Aircraft wide 1000..1400 x 1.3..1.8 : 1 (~1 MP), the ImageFolder tree CUB-200-like 500 x 333..500. Everything is a function of the seed (one
 generator per image, seeded with (seed, split, class, index)), so two runs write identical files.
 
 Layouts (see ``ke_fast.data.LAYOUTS``): ``flower102`` (``jpg/`` + ``lists/trn.csv, val.csv, tst.csv``,
@@ -115,7 +115,8 @@ def make(kind: str, root: str | Path, classes: int = 5, per_class: int = 4, seed
                 if kind == "imagefolder":
                     path = root / split / names[c] / f"{names[c].split('.')[1]}_{i:04d}.jpg"
                 else:
-                    path = image_dir / (f"image_{number:05d}.jpg" if kind == "flower102" else f"{number + 34300:07d}.jpg")
+                    name = f"image_{number:05d}.jpg" if kind == "flower102" else f"{number + 34300:07d}.jpg"
+                    path = image_dir / name
                 path.parent.mkdir(parents=True, exist_ok=True)
                 _image(kind, c, classes, rng, scale).save(path, quality=90)
                 rows.append((path.name, names[c]))

@@ -4,8 +4,9 @@ Each class has its own colour, shape (disc, square, triangle, bars, ring, cross)
 tint; every image puts its class's shape at a random place, size and shade on a half-random background with
 noise (and JPEG's), so the classes are learnable but not trivial. Sizes and aspect ratios are those of the
 real data sets (``scale`` shrinks them for quick tests): Flower102 500 x 375..700 (portrait and landscape),
-FGVC-Aircraft wide 1000..1400 x 1.3..1.8 : 1 (~1 MP), the ImageFolder tree CUB-200-like 500 x 333..500. Everything is a function of the seed (one
-generator per image, seeded with (seed, split, class, index)), so two runs write identical files.
+FGVC-Aircraft wide 1000..1400 x 1.3..1.8 : 1 (~1 MP), the ImageFolder tree CUB-200-like 500 x 333..500.
+Everything is a function of the seed (one generator per image, seeded with (seed, split, class, index)), so
+two runs write identical files.
 
 Layouts (see ``ke_fast.data.LAYOUTS``): ``flower102`` (``jpg/`` + ``lists/trn.csv, val.csv, tst.csv``,
 integer labels 1..C), ``aircraft`` (``images/`` + the same lists, variant names such as ``707-320`` as

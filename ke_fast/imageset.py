@@ -3,8 +3,10 @@
 A training split keeps every image at its own aspect ratio, its shorter side brought down to ``short_side``
 (never up; default ``2 * size``), as one ragged uint8 store (``ke_fast.kernels.augment``'s format): the
 random-resized crop of each batch is taken from the whole image (``ke_fast.batches``). An evaluation split
-keeps the official evaluation view (``Resize(round(size * 256/224))`` + ``CenterCrop(size)``, torchvision's
-rule, PIL's antialiased bilinear) as uint8 [N, 3, size, size]. Every file is opened once (threads), its
+keeps the official evaluation view as uint8 [N, 3, size, size]: ``Resize(256)`` + ``CenterCrop(224)`` in
+the official ``data/custom_dataset.py`` (lines 23-28; training: ``RandomResizedCrop(224)`` +
+``RandomHorizontalFlip()``, lines 15-21, both on the PIL image), here ``Resize(round(size * 256/224))`` +
+``CenterCrop(size)`` with torchvision's rounding and PIL's antialiased bilinear. Every file is opened once (threads), its
 header read before any pixel is decoded, and the result cached on disk (``<cache_dir>/<name>-<size>.pt``, a
 store ``<name>-store<short side>.pt``; rebuilt when a file is added, removed or modified, or the decoding
 changes).

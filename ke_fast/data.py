@@ -25,9 +25,10 @@ __all__ = ["CACHE_DIR", "CACHE_VERSION", "DIGITS_MAX_PER_CLASS", "IMAGENET_MEAN"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 # sklearn's digits: the smallest class (digit 8) has 174 images, and every class keeps one for testing
 DIGITS_MAX_PER_CLASS = 173
-# The official split lists (data/flower.py, data/aircraft.py): an image folder and lists/ with CSV files of
-# the columns file_name (relative to the image folder) and label, one per split (train, val, test). Flower102
-# used the *_all_sub_list.csv names until the clean-up of January 2021 (commit cd9459e); both are read.
+# The official split lists (data/flower.py lines 16-36, data/aircraft.py lines 15-33: pd.read_csv of
+# lists/trn.csv, tst.csv, val.csv, labels mapped through np.sort(np.unique(training labels))): an image folder
+# and lists/ with CSV files of the columns file_name (relative to the image folder) and label, one per split.
+# Flower102 used the *_all_sub_list.csv names until the clean-up of January 2021 (commit cd9459e); both are read.
 SPLIT_LISTS = {
     "flower102": ("jpg", (("trn.csv", "val.csv", "tst.csv"),
                           ("train_all_sub_list.csv", "val_all_sub_list.csv", "test_all_sub_list.csv"))),

@@ -160,14 +160,27 @@ def _pil_centre_view(a: np.ndarray, size: int, resize: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(im.crop((left, top, left + size, top + size))).copy()).permute(2, 0, 1).float()
 
 
-@pytest.mark.parametrize("size", [16, 23])
-def test_train_views_match_pil(size):
-    """Random-resized crops (up- and downsampling, up to ~12x, flips) against PIL's crop + resize + mirror."""
-    pixels, offsets, shapes = _store(ARRAYS)
+def _train_views(impl: str, arrays: list[np.ndarray], ids: torch.Tensor, key: int, size: int) -> torch.Tensor:
+    """Training views (0..255 floats) by the PyTorch path or by the Triton kernel (interpreter on CPU)."""
+    pixels, offsets, shapes = _store(arrays)
+    side, width = int(shapes.max()), int(shapes[:, 1].max())
+    if impl == "torch":
+        return A.random_resized_crop(pixels, offsets, shapes, ids, key, 0, size, side, width)
+    device = DEVICES[-1]
+    out = torch.empty(len(ids), 3, size, size, device=device)
+    t = [x.to(device) for x in (pixels, offsets, shapes, ids)]
+    return A.augment_triton(out, *t, torch.tensor([key], device=device), 0, size, size, (1.0,) * 3, (0.0,) * 3).cpu()
+
+
+@pytest.mark.parametrize("impl,size", [("torch", 16), ("torch", 23), ("triton", 13)])
+def test_train_views_match_pil(impl, size):
+    """Random-resized crops (up- and downsampling, up to ~12x, flips) against PIL's crop + resize + mirror; the
+    kernel on smaller images (the interpreter runs its taps one by one)."""
+    arrays = ARRAYS if impl == "torch" else SMALL
     ids = torch.tensor([0, 1, 2, 3, 4, 2, 2, 0])
-    out = A.random_resized_crop(pixels, offsets, shapes, ids, 99, 0, size, 300, 300)
-    boxes = A.random_boxes(A.draw_uniforms(99, 0, len(ids)), shapes[ids])
-    ref = torch.stack([_pil_train_view(ARRAYS[i], b, size) for i, b in zip(ids.tolist(), boxes.tolist())])
+    out = _train_views(impl, arrays, ids, 99, size)
+    boxes = A.random_boxes(A.draw_uniforms(99, 0, len(ids)), _store(arrays)[2][ids])
+    ref = torch.stack([_pil_train_view(arrays[i], b, size) for i, b in zip(ids.tolist(), boxes.tolist())])
     diff = (out - ref).abs()
     assert float(diff.max()) <= 1.0 + 1e-3 and float(diff.mean()) < 0.5, (float(diff.max()), float(diff.mean()))
 

@@ -1,34 +1,42 @@
 """Batches cut from tensors with batched tensor ops: no DataLoader, no per-item Python work per step.
 
-A data set is turned into tensors once (:class:`Batches`): an :class:`ke_fast.data.ImageSet` keeps its uint8
-images, a TensorDataset its tensors, any other map-style data set is read item by item once and stacked
-(so an item that is random is drawn once). The tensors live on the training device when they fit in
-``device_fraction`` of its memory (on CPU: unless ``device_fraction`` is 0), else in host memory (pinned for
-CUDA) with a background thread that gathers the next batches while the current one trains.
+A data set is turned into tensors once (:class:`Batches`). Images (an :class:`ke_fast.imageset.ImageSet`, or a
+Subset, ConcatDataset or class subset of ImageSets, e.g. metric learning's ``ClassSubset``) keep their uint8
+form: training batches come from the ragged store (an evaluation split's centre views count as square
+images), evaluation batches from the centre views. A TensorDataset keeps its tensors; any other map-style data
+set is read item by item once and stacked (so an item that is random is drawn once). The tensors live on the
+training device when they fit in ``device_fraction`` of its memory (on CPU: unless ``device_fraction`` is 0),
+else in host memory (pinned for CUDA) with a background thread that gathers the next batches while the
+current one trains.
 
 Every batch is a pure function of (seed, generation, epoch, batch index): the order is a permutation drawn
-per epoch from a generator seeded with (seed, generation, epoch), and the random-resized crop and flip of a
-training ImageSet come from one draw per batch seeded with (seed, generation, epoch, batch). A resumed run
-therefore sees the very batches it would have seen, on any device.
+per epoch from a generator seeded with ``draw_seed(seed, generation, epoch)``; the random-resized crops and
+flips of a training batch are drawn on the device from the counter-based key ``draw_seed(seed, generation,
+epoch, batch)`` (stream: the DDP rank), by the fused Triton kernel on CUDA (``ke_fast.kernels.augment``) and by
+its batched PyTorch twin elsewhere, with no host work and no host read per step. A resumed run therefore
+sees the very batches it would have seen. ``epoch(..., pairs=True)`` makes CS-KD batches (Yun et al., CVPR
+2020): the first half from the epoch's order, the second half one random image of the same class for each.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import queue
 import threading
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
-from torch.utils.data import Dataset, Subset, TensorDataset
+from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
 
 from . import kernels as K
-from .data import IMAGENET_MEAN, IMAGENET_STD, ImageSet
+from .imageset import IMAGENET_MEAN, IMAGENET_STD, ImageSet
+from .kernels import augment as A
+from .kernels import reference
+from .kernels.augment import CROP_RATIO, CROP_SCALE, CROP_TRIES  # noqa: F401  (their old home)
 
 _M62 = (1 << 62) - 1
-CROP_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop defaults: area fraction and aspect ratio
-CROP_RATIO = (3 / 4, 4 / 3)
-CROP_TRIES = 10
+PAIR_STREAM = 1 << 32  # Philox stream of the CS-KD partners (augmentation uses the streams 0 .. world-1)
 
 
 def draw_seed(seed: int, generation: int, epoch: int, batch: int = -1) -> int:
@@ -38,38 +46,70 @@ def draw_seed(seed: int, generation: int, epoch: int, batch: int = -1) -> int:
     return s & _M62 if batch < 0 else K.stream_id(s & _M62, batch, 0) & _M62
 
 
-def crop_boxes(u: torch.Tensor, side: int) -> torch.Tensor:
-    """Random-resized-crop boxes and flips from uniform draws ``u`` [B, 2 * CROP_TRIES + 3] (float64):
-    [B, 2, 3] affine matrices for ``F.affine_grid`` on a ``side`` x ``side`` image.
+@dataclass
+class _Items:
+    """Items of a data set of images: item i is image ``index[i]`` of ``parts[part[i]]``, label ``labels[i]``."""
+    parts: list[ImageSet]
+    part: torch.Tensor
+    index: torch.Tensor
+    labels: torch.Tensor
 
-    torchvision's rule, batched: CROP_TRIES (area fraction, log aspect ratio) candidates per image, the first
-    whose box fits is taken, else the whole (square) image; the box's position is uniform; flip with p 1/2."""
-    b = u.shape[0]
-    area = CROP_SCALE[0] + (CROP_SCALE[1] - CROP_SCALE[0]) * u[:, :CROP_TRIES]
-    lo, hi = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
-    ratio = torch.exp(lo + (hi - lo) * u[:, CROP_TRIES:2 * CROP_TRIES])
-    w, h = torch.sqrt(area * ratio), torch.sqrt(area / ratio)  # fractions of the side
-    fits = (w <= 1) & (h <= 1)
-    first = torch.where(fits.any(1), fits.int().argmax(1), 0)
-    ok = fits.any(1)
-    w = torch.where(ok, w.gather(1, first[:, None])[:, 0], torch.ones(b, dtype=u.dtype))
-    h = torch.where(ok, h.gather(1, first[:, None])[:, 0], torch.ones(b, dtype=u.dtype))
-    # quantise to whole pixels, as torchvision does, then place the box uniformly
-    w, h = (w * side).round().clamp(1, side) / side, (h * side).round().clamp(1, side) / side
-    left, top = u[:, -3] * (1 - w), u[:, -2] * (1 - h)
-    flip = torch.where(u[:, -1] < 0.5, -1.0, 1.0).to(u.dtype)
-    theta = torch.zeros(b, 2, 3, dtype=u.dtype)
-    theta[:, 0, 0] = w * flip  # affine_grid maps the output's [-1, 1] onto the box; a negative scale mirrors
-    theta[:, 0, 2] = 2 * left + w - 1
-    theta[:, 1, 1] = h
-    theta[:, 1, 2] = 2 * top + h - 1
-    return theta.float()
+    def select(self, idx: torch.Tensor, labels: torch.Tensor | None = None) -> "_Items":
+        return _Items(self.parts, self.part[idx], self.index[idx], self.labels[idx] if labels is None else labels)
+
+
+def image_items(data: Dataset) -> _Items | None:
+    """The images behind ``data`` (an ImageSet, or a Subset / ConcatDataset / class subset of them: any data
+    set with ``data``, ``indices`` and ``labels`` tensors), or None when it is not made of ImageSets."""
+    if isinstance(data, ImageSet):
+        n = len(data)
+        return _Items([data], torch.zeros(n, dtype=torch.int64), torch.arange(n), data.labels)
+    if isinstance(data, Subset):
+        inner = image_items(data.dataset)
+        return None if inner is None else inner.select(torch.as_tensor(list(data.indices), dtype=torch.int64))
+    if isinstance(data, ConcatDataset):
+        inner = [image_items(d) for d in data.datasets]
+        if any(i is None for i in inner):
+            return None
+        parts, shift, out = [], 0, []
+        for i in inner:
+            parts += i.parts
+            out.append(i.part + shift)
+            shift += len(i.parts)
+        return _Items(parts, torch.cat(out), torch.cat([i.index for i in inner]), torch.cat([i.labels for i in inner]))
+    indices, labels = getattr(data, "indices", None), getattr(data, "labels", None)
+    if hasattr(data, "data") and isinstance(indices, torch.Tensor) and isinstance(labels, torch.Tensor):
+        inner = image_items(data.data)  # e.g. ke_fast.metric.ClassSubset: its own labels
+        return None if inner is None else inner.select(indices.to(torch.int64), labels.to(torch.int64))
+    return None
+
+
+def _store(parts: list[ImageSet]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One ragged store of every part (evaluation splits' centre views as square images): (pixels, offsets,
+    shapes, first image of each part). A single training split is used as it is, without a copy."""
+    pix, offs, shapes, starts, base, count = [], [], [], [], 0, 0
+    for p in parts:
+        if p.pixels is not None:
+            x, o, s = p.pixels, p.offsets, p.shapes
+        else:
+            v = p.images
+            x = torch.cat([v.permute(0, 2, 3, 1).reshape(-1), torch.zeros(A.tail_bytes(p.size), dtype=torch.uint8)])
+            o = torch.arange(len(v), dtype=torch.int64) * (3 * p.size * p.size)
+            s = torch.full((len(v), 2), p.size, dtype=torch.int64)
+        pix.append(x)
+        offs.append(o + base)
+        shapes.append(s)
+        starts.append(count)
+        base, count = base + len(x), count + len(o)
+    if len(parts) == 1:
+        return pix[0], offs[0], shapes[0], torch.zeros(1, dtype=torch.int64)
+    shapes = torch.cat(shapes)
+    tail = torch.zeros(A.tail_bytes(int(shapes[:, 1].max())), dtype=torch.uint8)  # for the widest image of all
+    return torch.cat([*pix, tail]), torch.cat(offs), shapes, torch.tensor(starts, dtype=torch.int64)
 
 
 def _as_tensors(data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, labels) of a map-style data set as two tensors, without decoding an ImageSet again."""
-    if isinstance(data, ImageSet):
-        return data.images, data.labels
+    """(inputs, labels) of a map-style data set of anything but images, as two tensors."""
     if isinstance(data, TensorDataset) and len(data.tensors) == 2:
         return data.tensors[0], data.tensors[1]
     if isinstance(data, Subset):
@@ -80,13 +120,64 @@ def _as_tensors(data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([torch.as_tensor(x) for x, _ in items]), torch.as_tensor([int(y) for _, y in items])
 
 
+def _prefetch(cuts: list[torch.Tensor], gather: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
+              device: torch.device) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Host-resident data: a thread gathers each batch (``gather``: into pinned memory for CUDA) two batches
+    ahead; the copy to the device is asynchronous (the caching host allocator keeps a buffer until its copy is
+    done). The thread ends with the epoch, or as soon as the consumer stops early."""
+    ready: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for pos in cuts:
+                item = gather(pos)
+                while not stop.is_set():
+                    try:
+                        ready.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as exc:  # handed to the consumer, which raises it
+            ready.put(exc)
+
+    thread = threading.Thread(target=work, name="ke_fast-prefetch", daemon=True)
+    thread.start()
+    try:
+        for _ in cuts:
+            item = ready.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield tuple(t.to(device, non_blocking=True) for t in item)
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _class_index(y: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """(labels, items sorted by class, count and first position of each class) on the host, or None when the
+    labels are no class labels (floats, negative integers)."""
+    labels = y.cpu()
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        return None
+    labels = labels.to(torch.int64)
+    try:
+        count = torch.bincount(labels, minlength=1)
+    except RuntimeError:  # negative labels
+        return None
+    return labels, torch.argsort(labels, stable=True), count, count.cumsum(0) - count
+
+
 class Batches:
     """One data set as tensors, cut into batches on ``device``.
 
     Args:
         data: the data set (see the module docstring for what becomes of it).
         device: where batches are used.
-        train: training batches (shuffled; a training ImageSet is augmented) or evaluation batches (in order).
+        train: training batches (shuffled; images get the random-resized crop and flip) or evaluation
+            batches (in order; images: their centre views).
         device_fraction: keep the tensors on a CUDA device when they take at most this fraction of its memory;
             0: never (on CPU too: the prefetching thread then runs, as for a data set too large for the GPU).
         rank, world: this process's share of every epoch (DistributedSampler's rule: the permutation padded by
@@ -96,30 +187,59 @@ class Batches:
 
     def __init__(self, data: Dataset, device: torch.device, train: bool, device_fraction: float = 0.5,
                  rank: int = 0, world: int = 1, channels_last: bool = False) -> None:
+        if not (0 <= rank < world):
+            raise ValueError(f"rank must be in 0 .. world-1, got rank {rank} of world {world}")
         self.device, self.train, self.rank, self.world = torch.device(device), train, rank, world
         self.channels_last = channels_last
-        x, y = _as_tensors(data)
-        self.image = isinstance(data, ImageSet) or (isinstance(data, Subset) and isinstance(data.dataset, ImageSet))
-        base = data.dataset if isinstance(data, Subset) else data
-        self.augment = self.image and base.train and train
-        self.size = base.size if self.image else None
-        nbytes = x.numel() * x.element_size() + y.numel() * y.element_size()
+        items = image_items(data)
+        self.image = items is not None
+        self.augment = self.image and train
+        if self.image:
+            sizes = {p.size for p in items.parts}
+            if len(sizes) != 1:
+                raise ValueError(f"the images of one data set must share one size, got {sorted(sizes)}")
+            self.size, self.resize = items.parts[0].size, items.parts[0].resize
+            y = items.labels
+            if self.augment:
+                pixels, offsets, shapes, starts = _store(items.parts)
+                A.check_store(pixels, offsets, shapes)
+                self.max_side, self.max_width = int(shapes.max()), int(shapes[:, 1].max())
+                tensors = [pixels, offsets, shapes, starts[items.part] + items.index]
+            else:
+                parts = [p.images for p in items.parts]
+                starts = torch.tensor([0, *torch.tensor([len(v) for v in parts]).cumsum(0)[:-1].tolist()])
+                tensors = [parts[0] if len(parts) == 1 else torch.cat(parts), starts[items.part] + items.index]
+        else:
+            self.size = None
+            x, y = _as_tensors(data)
+            tensors = [x]
+        nbytes = sum(t.numel() * t.element_size() for t in (*tensors, y))
         if self.device.type == "cuda":
-            total = torch.cuda.get_device_properties(self.device).total_memory
-            self.resident = nbytes <= device_fraction * total
+            self.resident = nbytes <= device_fraction * torch.cuda.get_device_properties(self.device).total_memory
         else:
             self.resident = device_fraction > 0
         self._pin = self.device.type == "cuda" and not self.resident
         if self.resident:
-            self.x, self.y = x.to(self.device), y.to(self.device)
+            tensors, y = [t.to(self.device) for t in tensors], y.to(self.device)
         elif self._pin:
-            self.x, self.y = x.contiguous().pin_memory(), y.pin_memory()
+            tensors, y = [t.contiguous().pin_memory() for t in tensors], y.pin_memory()
+        self.y = y
+        if self.augment:
+            self.pixels, self.offsets, self.shapes, self.items = tensors
+        elif self.image:
+            self.x, self.items = tensors
         else:
-            self.x, self.y = x.contiguous(), y
+            self.x, self.items = tensors[0], None
         if self.image:
             mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
             std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
             self._scale, self._shift = 1 / (255 * std), -mean / std
+            self._norm = (tuple(1 / (255 * s) for s in IMAGENET_STD),
+                          tuple(-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)))
+        self._classes = _class_index(y) if train else None  # for CS-KD pairs
+        if self.augment and self.device.type == "cuda":
+            from .kernels import augment_triton
+            augment_triton.constants(self.device)  # made now: never inside a captured graph
 
     def __len__(self) -> int:
         return len(self.y)
@@ -128,80 +248,116 @@ class Batches:
         """Batches per epoch on this rank."""
         return math.ceil(math.ceil(len(self) / self.world) / batch_size)
 
-    def _order(self, seed: int, generation: int, epoch: int) -> torch.Tensor:
+    def _order(self, seed: int, generation: int, epoch: int, pairs: bool) -> torch.Tensor:
+        """This rank's items of an epoch, in order: int64 [n] (or [n, 2]: anchor and CS-KD partner)."""
         n = len(self)
         if not self.train:
             return torch.arange(n)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(draw_seed(seed, generation, epoch)))
         if self.world > 1:
             total = math.ceil(n / self.world) * self.world
-            order = torch.cat([order, order[: total - n]])[self.rank::self.world]
-        return order
+            order = torch.cat([order, order[: total - n]])
+        if pairs:
+            if self._classes is None:
+                raise ValueError("pairs=True (CS-KD) needs class labels (integers >= 0)")
+            labels, by_class, count, start = self._classes
+            u = reference.random_bits(0, len(order), draw_seed(seed, generation, epoch), PAIR_STREAM)
+            label = labels[order]
+            pick = ((u >> 8) * count[label]) >> 24  # floor(uniform * count), exact in int64
+            order = torch.stack([order, by_class[start[label] + pick]], 1)
+        return order[self.rank::self.world]
 
-    def epoch(self, batch_size: int, seed: int = 0, generation: int = 0, epoch: int = 0
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the device, copied asynchronously (pinned first on CUDA: no host sync)."""
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
+
+    def epoch(self, batch_size: int, seed: int = 0, generation: int = 0, epoch: int = 0, pairs: bool = False
               ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The batches (inputs, labels) of one epoch on the device, ready for the model."""
-        order = self._order(seed, generation, epoch)
+        """The batches (inputs, labels) of one epoch on the device, ready for the model.
+
+        ``pairs`` (training only; CS-KD): each batch holds up to ``batch_size`` items of the epoch's order and
+        then, in the same order, one item of the same class for each (drawn with key ``draw_seed(seed,
+        generation, epoch)``; possibly the item itself, as CS-KD's sampler), so batches are twice as large."""
+        if pairs and not self.train:
+            raise ValueError("pairs=True makes CS-KD training batches; these are evaluation batches (train=False)")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        order = self._order(seed, generation, epoch, pairs)
         starts = range(0, len(order), batch_size)
+        cuts = [order[s:s + batch_size].t().reshape(-1) for s in starts]  # pairs: anchors, then partners
+        keys = [draw_seed(seed, generation, epoch, b) for b in range(len(cuts))] if self.augment else None
+        device_keys = self._to_device(torch.tensor(keys, dtype=torch.int64)) \
+            if keys and self.device.type == "cuda" else None
         if self.resident:
-            order = order.to(self.device, non_blocking=True)
-            gathered = ((self.x.index_select(0, order[s:s + batch_size]),
-                         self.y.index_select(0, order[s:s + batch_size])) for s in starts)
+            order = self._to_device(torch.cat(cuts)) if cuts else torch.zeros(0, dtype=torch.int64)
+            bounds = [0, *itertools.accumulate(len(c) for c in cuts)]
+            gathered = (self._gather(order[bounds[b]:bounds[b + 1]]) for b in range(len(cuts)))
         else:
-            gathered = self._prefetch([order[s:s + batch_size] for s in starts])
-        for b, (x, y) in enumerate(gathered):
-            yield self._finish(x, seed, generation, epoch, b), y
+            gathered = _prefetch(cuts, self._gather_host, self.device)
+        for b, g in enumerate(gathered):
+            key = None if keys is None else (keys[b], None if device_keys is None else device_keys[b:b + 1])
+            yield self._finish(g, key), g[-1]
 
-    def _prefetch(self, indices: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Host-resident data: a thread gathers each batch (into pinned memory for CUDA) two batches ahead; the
-        copy to the device is asynchronous (the caching host allocator keeps a buffer until its copy is done).
-        The thread ends with the epoch, or as soon as the consumer stops early."""
-        ready: queue.Queue = queue.Queue(maxsize=2)
-        stop = threading.Event()
+    def batch(self, positions: torch.Tensor, seed: int = 0, generation: int = 0, epoch: int = 0, batch: int = 0
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch of the items at ``positions`` (int64 indices into the data set), augmented (training
+        images) with the key of (seed, generation, epoch, batch): what :meth:`epoch` yields for those items."""
+        positions = torch.as_tensor(positions, dtype=torch.int64)
+        g = self._gather(positions.to(self.device)) if self.resident else self._gather_host(positions)
+        if not self.resident:
+            g = tuple(t.to(self.device) for t in g)
+        key = draw_seed(seed, generation, epoch, batch)
+        device_key = torch.tensor([key], device=self.device) if self.augment and self.device.type == "cuda" else None
+        return self._finish(g, (key, device_key) if self.augment else None), g[-1]
 
-        def gather() -> None:
-            try:
-                for idx in indices:
-                    xb = torch.empty((len(idx), *self.x.shape[1:]), dtype=self.x.dtype, pin_memory=self._pin)
-                    yb = torch.empty(len(idx), dtype=self.y.dtype, pin_memory=self._pin)
-                    torch.index_select(self.x, 0, idx, out=xb)
-                    torch.index_select(self.y, 0, idx, out=yb)
-                    while not stop.is_set():
-                        try:
-                            ready.put((xb, yb), timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
-                        return
-            except BaseException as exc:  # handed to the consumer, which raises it
-                ready.put(exc)
+    def _gather(self, pos: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Resident data: (store tensors, image ids, labels) or (inputs, labels) of the items ``pos``."""
+        y = self.y.index_select(0, pos)
+        if self.augment:
+            return self.pixels, self.offsets, self.shapes, self.items.index_select(0, pos), y
+        ids = pos if self.items is None else self.items.index_select(0, pos)
+        return self.x.index_select(0, ids), y
 
-        thread = threading.Thread(target=gather, name="ke_fast-prefetch", daemon=True)
-        thread.start()
-        try:
-            for _ in indices:
-                item = ready.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item[0].to(self.device, non_blocking=True), item[1].to(self.device, non_blocking=True)
-        finally:
-            stop.set()
-            thread.join()
+    def _gather_host(self, pos: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Host data: the items ``pos`` copied out (pinned for CUDA); images as a compact store of their own."""
+        y = torch.empty(len(pos), dtype=self.y.dtype, pin_memory=self._pin)
+        torch.index_select(self.y, 0, pos, out=y)
+        if self.augment:
+            ids = self.items[pos]
+            offs, shapes = self.offsets[ids], self.shapes[ids]
+            sizes = 3 * shapes[:, 0] * shapes[:, 1]
+            pixels = torch.zeros(int(sizes.sum()) + A.tail_bytes(self.max_width), dtype=torch.uint8,
+                                 pin_memory=self._pin)
+            start = 0
+            for o, n in zip(offs.tolist(), sizes.tolist()):
+                pixels[start:start + n] = self.pixels[o:o + n]
+                start += n
+            new_offs = sizes.cumsum(0) - sizes
+            return pixels, new_offs, shapes, torch.arange(len(pos)), y
+        ids = pos if self.items is None else self.items[pos]
+        x = torch.empty((len(ids), *self.x.shape[1:]), dtype=self.x.dtype, pin_memory=self._pin)
+        torch.index_select(self.x, 0, ids, out=x)
+        return x, y
 
-    def _finish(self, x: torch.Tensor, seed: int, generation: int, epoch: int, batch: int) -> torch.Tensor:
-        """uint8 images -> augmented (training) and normalised floats; other inputs pass unchanged."""
-        if self.image:
-            if self.augment:
-                g = torch.Generator().manual_seed(draw_seed(seed, generation, epoch, batch))
-                u = torch.rand(len(x), 2 * CROP_TRIES + 3, generator=g, dtype=torch.float64)
-                theta = crop_boxes(u, x.shape[-1]).to(self.device, non_blocking=True)
-                grid = F.affine_grid(theta, [len(x), 3, self.size, self.size], align_corners=False)
-                x = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-            else:  # in order, e.g. a training ImageSet evaluated: its centre ``size`` crop
-                o = (x.shape[-1] - self.size) // 2
-                x = x[:, :, o:o + self.size, o:o + self.size].float()
+    def _finish(self, g: tuple[torch.Tensor, ...], key: tuple[int, torch.Tensor | None] | None) -> torch.Tensor:
+        """Gathered items -> model inputs: training images cropped, resized, flipped and normalised (one Triton
+        launch on CUDA), evaluation images normalised; other inputs pass unchanged."""
+        if self.augment:
+            pixels, offsets, shapes, ids, _ = g
+            if self.device.type == "cuda":
+                fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+                out = torch.empty(len(ids), 3, self.size, self.size, device=self.device, memory_format=fmt)
+                return A.augment_triton(out, pixels, offsets, shapes, ids, key[1], self.rank, self.size,
+                                        self.resize, *self._norm)
+            x = A.random_resized_crop(pixels, offsets, shapes, ids, key[0], self.rank, self.size, self.max_side,
+                                      self.max_width)
             x = torch.addcmul(self._shift, x, self._scale)
+        elif self.image:
+            x = torch.addcmul(self._shift, g[0].float(), self._scale)
+        else:
+            x = g[0]
         if x.dim() == 4 and self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x

@@ -1,40 +1,61 @@
 """Data: scikit-learn's bundled digits (no download) in KE's small-data regime, or real images.
 
-Images come in two layouts (see the README): an ImageFolder tree (``train/`` and ``test/`` or ``val/``, one
-folder per class) or the split-list layout of the official KE Flower102 / Aircraft loaders (an image folder
-and CSV lists naming each split's files and labels). Either is decoded once into uint8 tensors, cached in
-memory and on disk (``<root>/.ke_fast_cache``; rebuilt when a file is added, removed or modified), and handed
-to the trainer as :class:`ImageSet`: the training set at ``round(size * 256 / 224)`` pixels square (shorter side
-resized, centre square), from which ``ke_fast.batches`` cuts random-resized crops of ``size`` on the device;
-the test set already resized and centre-cropped to ``size``.
+Image data sets come in the layouts the official KE code reads (github.com/ahmdtaha/knowledge_evolution,
+``data/flower.py``, ``data/aircraft.py``, ``data/custom_dataset.py``) and in torchvision's ImageFolder tree
+(:data:`LAYOUTS` draws them). :func:`load` finds the layout and returns an :class:`ImageData`: the training,
+validation (None when the layout has none) and test splits as :class:`ke_fast.imageset.ImageSet`, decoded
+once and cached (see that module for the stores, the evaluation view and their memory).
 """
 from __future__ import annotations
 
 import csv
-import hashlib
-import os
-import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import TensorDataset
+
+from .imageset import (CACHE_DIR, CACHE_VERSION, IMAGENET_MEAN, IMAGENET_STD, RESIZE_RATIO, DataError, ImageSet,
+                       decode_all, resize_side, stored_size)
+
+__all__ = ["CACHE_DIR", "CACHE_VERSION", "DIGITS_MAX_PER_CLASS", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_SUFFIXES",
+           "LAYOUTS", "RESIZE_RATIO", "DataError", "ImageData", "ImageSet", "digits", "image_folder", "images",
+           "load", "resize_side", "split_lists", "stored_size"]
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 # sklearn's digits: the smallest class (digit 8) has 174 images, and every class keeps one for testing
 DIGITS_MAX_PER_CLASS = 173
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-RESIZE_RATIO = 256 / 224  # test images: shorter side to size * 256/224, centre crop size (the official recipe)
-CACHE_DIR = ".ke_fast_cache"
-CACHE_VERSION = 1  # bump when the decoding changes: older cache files are rebuilt
-# the official split-list layout: (image folder, train list, test lists in order of preference)
-SPLIT_LISTS = (("jpg", "train_all_sub_list.csv", ("test_all_sub_list.csv", "val_all_sub_list.csv")),  # Flower102
-               ("images", "trn.csv", ("tst.csv", "val.csv")))  # Aircraft
+# The official split lists (data/flower.py lines 16-36, data/aircraft.py lines 15-33: pd.read_csv of
+# lists/trn.csv, tst.csv, val.csv, labels mapped through np.sort(np.unique(training labels))): an image folder
+# and lists/ with CSV files of the columns file_name (relative to the image folder) and label, one per split.
+# Flower102 used the *_all_sub_list.csv names until the clean-up of January 2021 (commit cd9459e); both are read.
+SPLIT_LISTS = {
+    "flower102": ("jpg", (("trn.csv", "val.csv", "tst.csv"),
+                          ("train_all_sub_list.csv", "val_all_sub_list.csv", "test_all_sub_list.csv"))),
+    "aircraft": ("images", (("trn.csv", "val.csv", "tst.csv"),)),
+}
+LAYOUTS = """\
+  flower102/                   Flower102, official split lists      aircraft/        FGVC-Aircraft, official lists
+    jpg/                         image_00001.jpg ...                  images/          0034309.jpg ...
+    lists/                                                            lists/
+      trn.csv    file_name,label  (or train_all_sub_list.csv,           trn.csv        file_name,label
+      val.csv                      val_all_sub_list.csv,                val.csv        (optional)
+      tst.csv                      test_all_sub_list.csv)               tst.csv
+  cub200/                      ImageFolder: one folder per class (classes: the sorted folder names)
+    train/
+      001.Black_footed_Albatross/   Black_Footed_Albatross_0001_796111.jpg ...
+      002.Laysan_Albatross/ ...
+    val/                       (optional when test/ exists; the test split when it does not)
+    test/                      the same class folders"""
 
 
-class DataError(ValueError):
-    """A data set that cannot be used (missing, empty, malformed); the CLI exits with code 2."""
+class ImageData(NamedTuple):
+    """What :func:`load` returns: the splits, the number of classes and of input channels (3)."""
+    train: ImageSet
+    val: ImageSet | None
+    test: ImageSet
+    num_classes: int
+    in_channels: int
 
 
 def digits(per_class: int = 20, seed: int = 0) -> tuple[TensorDataset, TensorDataset, int, int]:
@@ -62,132 +83,6 @@ def digits(per_class: int = 20, seed: int = 0) -> tuple[TensorDataset, TensorDat
     return TensorDataset(x[train], y[train]), TensorDataset(x[test], y[test]), 10, 1
 
 
-def stored_size(size: int, train: bool) -> int:
-    """The side of the cached square images: ``size`` for test images (already centre-cropped), the resize
-    side ``round(size * 256/224)`` for training images (the random-resized crop happens per batch)."""
-    return round(size * RESIZE_RATIO) if train else size
-
-
-def _decode(path: Path, size: int, crop: int) -> torch.Tensor:
-    """One image as uint8 [3, crop, crop]: shorter side resized to ``size`` (bilinear, antialiased), centre crop."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            im.draft("RGB", (size, size))  # JPEG: decode at the smallest DCT scale that is still >= size
-            im = im.convert("RGB")
-            w, h = im.size
-            s = size / min(w, h)
-            im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BILINEAR)
-            left, top = (im.size[0] - crop) // 2, (im.size[1] - crop) // 2
-            im = im.crop((left, top, left + crop, top + crop))
-            x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-    except Exception as exc:  # PIL raises OSError, SyntaxError, struct.error ... by format; truncated files too
-        raise DataError(f"image {str(path)!r} is corrupt or no image ({type(exc).__name__}: {exc})") from None
-    return x.view(crop, crop, 3).permute(2, 0, 1)
-
-
-class ImageSet(Dataset):
-    """Decoded images as one uint8 tensor ``images`` [N, 3, S, S] and int64 ``labels`` [N].
-
-    ``train``: S is ``stored_size(size, True)`` and batches get the training recipe (random-resized crop to
-    ``size``, horizontal flip; ``ke_fast.batches``); otherwise S is ``size`` (resized, centre-cropped). Either
-    way batches are normalised with ImageNet's mean and std. Indexing (``set[i]``) gives the normalised,
-    centre-cropped ``size`` view of an image without randomness (for fingerprints and inspection).
-
-    Built by :func:`image_folder` / :func:`split_lists`, which decode each file once (threads) and keep the
-    result in ``<cache_dir>/<name>-<S>.pt``: a later run loads that file unless a file was added, removed or
-    modified since (size and modification time), or the decoding changed."""
-
-    def __init__(self, files: list[Path], labels: list[int], classes: list[str], size: int, train: bool,
-                 root: Path, cache_dir: Path | None, name: str) -> None:
-        if not files:
-            raise DataError(f"{name}: no images")
-        self.files, self.classes, self.size, self.train, self.root = files, classes, size, train, root
-        self.labels = torch.tensor(labels, dtype=torch.int64)
-        self.side = stored_size(size, train)
-        stats = [f.stat() for f in files]
-        # identity of the contents for resume checks: names, labels and sizes (copying the data keeps it)
-        self._fingerprint = "\n".join(f"{f.relative_to(root)}:{label}:{st.st_size}"
-                                      for f, label, st in zip(files, labels, stats))
-        key = hashlib.sha256(f"{CACHE_VERSION}:{self.side}\n{self._fingerprint}\n".encode()
-                             + "\n".join(str(st.st_mtime_ns) for st in stats).encode()).hexdigest()
-        self.cache_file = cache_dir / f"{name}-{self.side}.pt" if cache_dir is not None else None
-        self.images = self._load_cache(key)
-        self.from_cache = self.images is not None
-        if self.images is None:
-            self.images = self._decode_all()
-            self._save_cache(key)
-
-    @classmethod
-    def from_tensors(cls, images: torch.Tensor, labels: torch.Tensor, size: int, train: bool) -> "ImageSet":
-        """An ImageSet of images already decoded: uint8 [N, 3, S, S] with S = ``stored_size(size, train)``
-        (e.g. synthetic data); no files, no cache."""
-        side = stored_size(size, train)
-        if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != (3, side, side):
-            raise ValueError(f"images must be uint8 [N, 3, {side}, {side}] for size {size} (train={train}), "
-                             f"got {images.dtype} {list(images.shape)}")
-        if labels.shape != (len(images),):
-            raise ValueError(f"labels must have shape [{len(images)}], got {list(labels.shape)}")
-        self = cls.__new__(cls)
-        self.files, self.root, self.cache_file, self.from_cache = [], None, None, False
-        self.size, self.train, self.side = size, train, side
-        self.images, self.labels = images, labels.to(torch.int64)
-        self.classes = [str(c) for c in range(int(labels.max()) + 1)] if len(labels) else []
-        self._fingerprint = hashlib.sha256(labels.to(torch.int64).numpy().tobytes()).hexdigest()
-        return self
-
-    def _load_cache(self, key: str) -> torch.Tensor | None:
-        if self.cache_file is None or not self.cache_file.is_file():
-            return None
-        try:
-            saved = torch.load(self.cache_file, map_location="cpu", weights_only=True)
-        except Exception:  # a truncated or foreign file: rebuilt below
-            return None
-        if not isinstance(saved, dict) or saved.get("key") != key:
-            return None
-        return saved["images"]
-
-    def _decode_all(self) -> torch.Tensor:
-        out = torch.empty(len(self.files), 3, self.side, self.side, dtype=torch.uint8)
-        resize = self.side if self.train else round(self.size * RESIZE_RATIO)
-
-        def one(i: int) -> None:
-            out[i] = _decode(self.files[i], resize, self.side)
-
-        with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:  # PIL releases the GIL
-            for _ in pool.map(one, range(len(self.files))):
-                pass
-        return out
-
-    def _save_cache(self, key: str) -> None:
-        if self.cache_file is None:
-            return
-        tmp = self.cache_file.with_name(self.cache_file.name + ".tmp")
-        try:
-            self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(dict(key=key, images=self.images), tmp)
-            os.replace(tmp, self.cache_file)
-        except OSError as exc:  # a read-only data folder: the run goes on, decoding again next time
-            warnings.warn(f"cannot write the image cache {str(self.cache_file)!r} ({exc}); images are decoded "
-                          f"again on the next run", stacklevel=3)
-
-    def fingerprint(self) -> str:
-        """The files' relative names, labels and sizes, joined (see ke_fast.evolve.data_fingerprint)."""
-        return self._fingerprint
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        x = self.images[i]
-        if self.train:  # the centre ``size`` crop of the stored square
-            o = (self.side - self.size) // 2
-            x = x[:, o:o + self.size, o:o + self.size]
-        mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
-        return (x.float() / 255 - mean) / std, int(self.labels[i])
-
-
 def _folder_samples(root: Path, classes: list[str] | None = None) -> tuple[list[Path], list[int], list[str]]:
     """Files and labels of ``root/<class>/<file>`` (torchvision's ImageFolder layout)."""
     if classes is None:
@@ -207,82 +102,159 @@ def _cache_dir(root: Path, cache: bool) -> Path | None:
     return root / CACHE_DIR if cache else None
 
 
-def image_folder(root: str | Path, size: int = 224, cache: bool = True) -> tuple[ImageSet, ImageSet, int, int]:
-    """``root/train`` and ``root/test`` (or ``val``) folders, one sub-folder per class; (train, test,
-    num_classes, 3). ``cache``: keep the decoded images in ``root/.ke_fast_cache``."""
+def _open_sets(specs: list[tuple], size: int, root: Path, cache: bool, short_side: int | None,
+               pooled: bool) -> list[ImageSet | None]:
+    """ImageSets of (name, files, labels, classes, sources, train) specs (None passes through); every
+    split's headers are read before any split is decoded."""
+    sets = [None if spec is None else
+            ImageSet(spec[1], spec[2], spec[3], size, spec[5] or pooled, root, _cache_dir(root, cache), spec[0],
+                     short_side=short_side, sources=spec[4], defer=True) for spec in specs]
+    decode_all([s for s in sets if s is not None])
+    return sets
+
+
+def image_folder(root: str | Path, size: int = 224, cache: bool = True, short_side: int | None = None,
+                 pooled: bool = False) -> ImageData:
+    """``root/train`` with ``root/test`` and/or ``root/val``, one sub-folder per class (classes: the sorted
+    folder names, the same in every split). The test split is ``test/``, else ``val/``; the validation split
+    is ``val/`` when ``test/`` exists too. See :func:`load` for the other arguments."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data folder {str(root)!r} does not exist")
     test_dir = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
     if not (root / "train").is_dir() or test_dir is None:
-        raise DataError(f"data folder {str(root)!r} must hold train/ and test/ (or val/) in ImageFolder layout, "
-                        f"or the split-list layout (see the README)")
+        raise DataError(f"data folder {str(root)!r} matches no layout; expected one of:\n{LAYOUTS}")
+    val_dir = root / "val" if test_dir.name == "test" and (root / "val").is_dir() else None
     files, labels, classes = _folder_samples(root / "train")
-    test_files, test_labels, test_classes = _folder_samples(test_dir)
-    if test_classes != classes:
-        raise DataError(f"train and test folders of {str(root)!r} have different classes")
-    return (ImageSet(files, labels, classes, size, True, root, _cache_dir(root, cache), "train"),
-            ImageSet(test_files, test_labels, classes, size, False, root, _cache_dir(root, cache), test_dir.name),
-            len(classes), 3)
+    specs: list = [("train", files, labels, classes, None, True)]
+    for d in (val_dir, test_dir):
+        if d is None:
+            specs.append(None)
+            continue
+        f, lab, other = _folder_samples(d)
+        if other != classes:
+            raise DataError(f"{str(d)!r} has the classes {other}, {str(root / 'train')!r} has {classes}")
+        specs.append((d.name, f, lab, classes, None, False))
+    train, val, test = _open_sets(specs, size, root, cache, short_side, pooled)
+    return ImageData(train, val, test, len(classes), 3)
 
 
-def _read_list(path: Path, images: Path) -> list[tuple[Path, str]]:
-    """(image path, label) rows of a split list: a CSV with the columns ``file_name`` and ``label``."""
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"file_name", "label"} <= set(reader.fieldnames):
-            raise DataError(f"split list {str(path)!r} must be a CSV with the columns file_name and label, "
-                            f"got {reader.fieldnames}")
-        rows = [(images / r["file_name"], r["label"].strip()) for r in reader]
+def _read_list(path: Path, images: Path) -> list[tuple[Path, str, str]]:
+    """(image path, label, "where") rows of a split list: a CSV with the columns ``file_name`` and ``label``
+    (others ignored). Raises DataError naming the file and the row of the first problem."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            names = [n.strip() for n in reader.fieldnames or []]
+            if not {"file_name", "label"} <= set(names):
+                raise DataError(f"split list {str(path)!r} row 1 (the header) must name the columns file_name and "
+                                f"label, got {names}")
+            reader.fieldnames = names
+            rows = []
+            for r in reader:
+                where = f"{str(path)!r} row {len(rows) + 1} (line {reader.line_num})"
+                name, label = (r.get("file_name") or "").strip(), (r.get("label") or "").strip()
+                if not name or not label:
+                    raise DataError(f"split list {where}: empty file_name or label")
+                rows.append((images / name, label, where))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"split list {str(path)!r} is unreadable ({type(exc).__name__}: {exc})") from None
     if not rows:
         raise DataError(f"split list {str(path)!r} names no images")
-    missing = next((p for p, _ in rows if not p.is_file()), None)
-    if missing is not None:
-        raise DataError(f"split list {str(path)!r} names {str(missing)!r}, which does not exist")
+    for p, _, where in rows:
+        if not p.is_file():
+            raise DataError(f"split list {where} names {str(p)!r}, which does not exist")
     return rows
 
 
-def split_lists(root: str | Path, size: int = 224, cache: bool = True) -> tuple[ImageSet, ImageSet, int, int]:
-    """The official KE split-list layout: ``root/jpg/`` with ``root/lists/train_all_sub_list.csv`` and
-    ``test_all_sub_list.csv`` (Flower102; ``val_all_sub_list.csv`` when there is no test list), or
-    ``root/images/`` with ``root/lists/trn.csv`` and ``tst.csv`` (``val.csv``) (Aircraft). Each list is a CSV
-    with the columns ``file_name`` (relative to the image folder) and ``label``; the training list's sorted
-    labels (numerically when all are integers) are the classes 0 .. C-1. (train, test, num_classes, 3)."""
+def _class_key(labels: set[str]):
+    """Sort and identity of labels as the official pandas + np.unique reading gives them: numbers when all
+    labels are integers (so "10" follows "2" and "02" is "2"), else strings."""
+    if all(label.lstrip("+-").isdigit() for label in labels):
+        return int
+    return str
+
+
+def split_lists(root: str | Path, size: int = 224, cache: bool = True, short_side: int | None = None,
+                pooled: bool = False) -> ImageData:
+    """The official split-list layouts (:data:`LAYOUTS`): Flower102 (``jpg/``) or Aircraft (``images/``) with
+    ``lists/trn.csv``, ``tst.csv`` and, when present, ``val.csv`` (Flower102 also under the older names
+    ``train_all_sub_list.csv``, ``test_all_sub_list.csv``, ``val_all_sub_list.csv``). Labels map through the
+    training list's sorted unique labels to 0 .. C-1 (numerically when all are integers; strings such as
+    ``707-320`` otherwise), as the official loaders do. Without a test list the validation list is the test
+    split (and val None). Every list is checked (columns, rows, files, labels) before any image is read."""
     root = Path(root)
-    for image_dir, train_name, test_names in SPLIT_LISTS:
-        lists = root / "lists"
-        if (root / image_dir).is_dir() and (lists / train_name).is_file():
-            test_list = next((lists / n for n in test_names if (lists / n).is_file()), None)
-            if test_list is None:
-                raise DataError(f"{str(lists)!r} holds {train_name} but none of {', '.join(test_names)}")
+    found = None
+    for image_dir, namings in SPLIT_LISTS.values():
+        for names in namings:
+            if (root / image_dir).is_dir() and (root / "lists" / names[0]).is_file():
+                found = (root / image_dir, [root / "lists" / n for n in names])
+                break
+        if found:
             break
-    else:
-        raise DataError(f"data folder {str(root)!r} is in neither layout: expected train/ and test/ (ImageFolder) "
-                        f"or jpg/ + lists/train_all_sub_list.csv or images/ + lists/trn.csv (split lists)")
-    train_rows = _read_list(lists / train_name, root / image_dir)
-    test_rows = _read_list(test_list, root / image_dir)
-    names = {label for _, label in train_rows}
-    classes = sorted(names, key=int) if all(n.lstrip("-").isdigit() for n in names) else sorted(names)
+    if found is None:
+        raise DataError(f"data folder {str(root)!r} matches no layout; expected one of:\n{LAYOUTS}")
+    image_dir, (train_list, val_list, test_list) = found
+    if not test_list.is_file():
+        test_list, val_list = val_list, None
+        if not test_list.is_file():
+            raise DataError(f"{str(root / 'lists')!r} holds {train_list.name} but no {test_list.name} nor "
+                            f"{found[1][2].name}")
+    elif not val_list.is_file():
+        val_list = None
+    train_rows = _read_list(train_list, image_dir)
+    other_rows = [None if p is None else _read_list(p, image_dir) for p in (val_list, test_list)]
+    key = _class_key({label for _, label, _ in train_rows})
+    classes = sorted({key(label) for _, label, _ in train_rows})
     index = {c: i for i, c in enumerate(classes)}
-    unknown = next((label for _, label in test_rows if label not in index), None)
-    if unknown is not None:
-        raise DataError(f"split list {str(test_list)!r} has label {unknown!r}, which the training list lacks")
-    cache_dir = _cache_dir(root, cache)
-    return (ImageSet([p for p, _ in train_rows], [index[c] for _, c in train_rows], classes, size, True, root,
-                     cache_dir, "train"),
-            ImageSet([p for p, _ in test_rows], [index[c] for _, c in test_rows], classes, size, False, root,
-                     cache_dir, test_list.stem),
-            len(classes), 3)
+    for rows in other_rows:
+        for _, label, where in rows or ():
+            try:
+                known = key(label) in index
+            except ValueError:  # a string label where the training labels are integers
+                known = False
+            if not known:
+                raise DataError(f"split list {where} has label {label!r}, which {str(train_list)!r} lacks")
+    names = [str(c) for c in classes]
+    specs = [None if rows is None else
+             (path.stem if i else "train", [p for p, _, _ in rows], [index[key(lab)] for _, lab, _ in rows], names,
+              [w for _, _, w in rows], i == 0)
+             for i, (path, rows) in enumerate(zip((train_list, val_list, test_list), [train_rows, *other_rows]))]
+    train, val, test = _open_sets(specs, size, root, cache, short_side, pooled)
+    return ImageData(train, val, test, len(classes), 3)
 
 
-def images(root: str | Path, size: int = 224, cache: bool = True) -> tuple[ImageSet, ImageSet, int, int]:
-    """An image data set in either layout: ImageFolder (``train/``) or the official split lists (``lists/``)."""
+def load(root: str | Path, size: int = 224, cache: bool = True, short_side: int | None = None,
+         pooled: bool = False) -> ImageData:
+    """An image data set in any layout of :data:`LAYOUTS`: the split lists when ``root/lists/`` exists and
+    ``root/train/`` does not, else an ImageFolder tree.
+
+    Args:
+        root: the data folder.
+        size: the side of the network's input (crops and centre views are ``size`` x ``size``).
+        cache: keep the decoded images in ``root/.ke_fast_cache`` (a read-only folder: a warning, no cache).
+        short_side: the training store's shorter side (images larger are resized down, never up); default
+            ``2 * size``.
+        pooled: every split keeps the ragged training store (for splits that are pooled and re-split by
+            class, as metric learning does: any image may then be trained on with the full augmentation;
+            the centre views of such a split are rendered from its store).
+    Returns:
+        :class:`ImageData` (train, val or None, test, num_classes, 3). Raises DataError (one line naming the
+        file and row) for a missing file, an unknown label, an empty list, a list without the columns, an
+        unreadable image, before any image is decoded; for a folder in no layout, the layouts drawn as trees.
+    """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data folder {str(root)!r} does not exist")
     if (root / "lists").is_dir() and not (root / "train").is_dir():
-        return split_lists(root, size, cache)
-    return image_folder(root, size, cache)
+        return split_lists(root, size, cache, short_side, pooled)
+    return image_folder(root, size, cache, short_side, pooled)
+
+
+def images(root: str | Path, size: int = 224, cache: bool = True) -> tuple[ImageSet, ImageSet, int, int]:
+    """(train, test, num_classes, 3) of :func:`load` (the validation split left out): the form the CLI reads."""
+    data = load(root, size, cache)
+    return data.train, data.test, data.num_classes, data.in_channels
 
 
 DIABETES_TEST = 88  # samples held out for testing (a fifth of the 442, rounded down)

@@ -18,7 +18,9 @@ Docs quote results through marked blocks that this script writes::
     <!-- /ledger -->
 
 ``ledger:NAME``: a file under benchmarks/results/, optionally ``#SELECT``: the groups (pytest-benchmark)
-or cases / parts (cli, gpu-report) whose name contains one of the ``|``-separated strings.
+or cases / parts (``whole-run``, ``tests``, ``kernels`` of a gpu-report) whose name contains one of the
+``|``-separated strings, and for make bench's files ``@COLUMNS``: the extra_info keys to show, comma-separated
+(e.g. ``<!-- ledger:cpu-2core-2026-12-04-0123abc.json#reinit resnet50@speed-up,baseline,ran -->``).
 
     python benchmarks/report.py benchmarks/results/X.json [--select TEXT]
     python benchmarks/report.py --update-readme      # rewrite every block in README.md, ARCHITECTURE.md, docs/
@@ -84,7 +86,7 @@ def source_line(path: Path, data: dict) -> str:
             f"{(led.get('date') or '')[:10]}.")
 
 
-def _pytest_benchmark(data: dict, select: str | None) -> list[str]:
+def _pytest_benchmark(data: dict, select: str | None, columns: list[str] | None = None) -> list[str]:
     groups: dict[str, list[dict]] = defaultdict(list)
     for b in data["benchmarks"]:
         groups[b.get("group") or "(no group)"].append(b)
@@ -97,8 +99,10 @@ def _pytest_benchmark(data: dict, select: str | None) -> list[str]:
         extra = sorted({k for i in infos for k, v in i.items()
                         if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in FRONT})
         extra += [k for k in NOTES if any(k in i for i in infos)]
+        if columns:  # the caller's choice, in its order
+            front, extra = [], [k for k in columns if k != "ms"]
         cols = ["benchmark", "ms", *front, *extra]
-        lines += [f"**{group}**", "", "| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
+        lines += [f"**{group}**", "", "| " + " | ".join(map(_fmt, cols)) + " |", "|---" * len(cols) + "|"]
 
         def ms(r: dict) -> float:
             v = (r.get("extra_info") or {}).get("ms")
@@ -119,7 +123,7 @@ def _cell(key: str, v: Any) -> str:
     return _fmt(v)
 
 
-def _cli(data: dict, select: str | None) -> list[str]:
+def _cli(data: dict, select: str | None, columns: list[str] | None = None) -> list[str]:
     lines: list[str] = []
     if data.get("quick"):
         lines += ["(a --quick smoke run at tiny sizes: not a measurement)", ""]
@@ -149,7 +153,7 @@ def _cli(data: dict, select: str | None) -> list[str]:
     return lines
 
 
-def _gpu_report(data: dict, select: str | None) -> list[str]:
+def _gpu_report(data: dict, select: str | None, columns: list[str] | None = None) -> list[str]:
     lines: list[str] = []
     whole = data.get("whole_run") or {}
     if whole and _wanted("whole-run", select):
@@ -190,13 +194,15 @@ def kind(data: dict) -> str:
     raise ValueError("not a results file of make bench, make bench-cli or make gpu-report")
 
 
-def render(path: str | Path, select: str | None = None) -> str:
-    """The markdown of one results file (the same for any file of a kind)."""
+def render(path: str | Path, select: str | None = None, columns: list[str] | None = None) -> str:
+    """The markdown of one results file (the same for any file of a kind). ``columns``: for make bench's
+    files, the extra_info keys to show (default: ms, the baseline, speed-up, what ran and every number)."""
     path = Path(path)
     if not path.is_absolute() and not path.exists():
         path = RESULTS / path
     data = json.loads(path.read_text())
-    body = {"pytest-benchmark": _pytest_benchmark, "cli": _cli, "gpu-report": _gpu_report}[kind(data)](data, select)
+    renderer = {"pytest-benchmark": _pytest_benchmark, "cli": _cli, "gpu-report": _gpu_report}[kind(data)]
+    body = renderer(data, select, columns)
     if not any(line.strip() for line in body):
         raise ValueError(f"{path.name}: nothing matches {select!r}")
     while body and not body[-1].strip():
@@ -209,15 +215,17 @@ def blocks(text: str) -> list[tuple[str, str]]:
     return [(m["name"], m["body"]) for m in BLOCK.finditer(text)]
 
 
-def split_name(name: str) -> tuple[str, str | None]:
-    """``file.json#select`` -> (file.json, select)."""
-    file, _, select = name.partition("#")
-    return file.strip(), (select.strip() or None)
+def split_name(name: str) -> tuple[str, str | None, list[str] | None]:
+    """``file.json#select@col1,col2`` -> (file.json, select, [col1, col2]); select and columns optional."""
+    rest, _, cols = name.partition("@")
+    file, _, select = rest.partition("#")
+    columns = [c.strip() for c in cols.split(",") if c.strip()] or None
+    return file.strip(), (select.strip() or None), columns
 
 
 def block_body(name: str) -> str:
-    file, select = split_name(name)
-    return GENERATED + "\n" + render(RESULTS / file, select)
+    file, select, columns = split_name(name)
+    return GENERATED + "\n" + render(RESULTS / file, select, columns)
 
 
 def update(text: str) -> str:
@@ -229,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Markdown tables from benchmarks/results/ files")
     parser.add_argument("file", nargs="?", help="a results JSON")
     parser.add_argument("--select", help="only groups / cases whose name contains one of these (|-separated)")
+    parser.add_argument("--columns", help="make bench files: the extra_info keys to show (comma-separated)")
     parser.add_argument("--update-readme", action="store_true",
                         help="rewrite the ledger blocks of README.md, ARCHITECTURE.md and docs/*.md")
     parser.add_argument("--check", action="store_true", help="exit 1 if a ledger block differs from its file")
@@ -247,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if stale and args.check else 0
     if not args.file:
         parser.error("give a results file, --update-readme or --check")
-    print(render(args.file, args.select), end="")
+    columns = [c.strip() for c in args.columns.split(",")] if args.columns else None
+    print(render(args.file, args.select, columns), end="")
     return 0
 
 

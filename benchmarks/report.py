@@ -130,8 +130,9 @@ def _cli(data: dict, select: str | None, columns: list[str] | None = None) -> li
     for name, case in data["cases"].items():
         if not _wanted(name, select):
             continue
+        interleaved = ", contenders interleaved" if len(case["contenders"]) > 1 else ""
         lines += [f"**{name}**: {case.get('description', '')}; {case['repeats']} round(s) after "
-                  f"{case['warmups']} warm-up round(s), fresh processes, contenders interleaved.", "",
+                  f"{case['warmups']} warm-up round(s), fresh processes{interleaved}.", "",
                   "| contender | command | min s | median s | max s | final dense | final fit |",
                   "|---|---|---|---|---|---|---|"]
         for c in case["contenders"]:
@@ -147,8 +148,10 @@ def _cli(data: dict, select: str | None, columns: list[str] | None = None) -> li
             keys = list(history[0])
             lines += ["", "ke_fast, last round:", "", "| " + " | ".join(keys) + " |", "|---" * len(keys) + "|"]
             lines += ["| " + " | ".join(_cell(k, row.get(k)) for k in keys) + " |" for row in history]
-        if case.get("results_md"):
-            lines += ["", "The study's results.md (last round):", "", case["results_md"].strip()]
+        if case.get("results_md"):  # its headings become bold lines: a block sits inside the document's sections
+            md = [f"**{line.lstrip('#').strip()}**" if line.startswith("#") else line
+                  for line in case["results_md"].strip().splitlines()]
+            lines += ["", "The study's results.md (last round):", "", *md]
         lines.append("")
     return lines
 
@@ -162,10 +165,11 @@ def _gpu_report(data: dict, select: str | None, columns: list[str] | None = None
                   "dense acc | fit acc | note |", "|---" * 10 + "|"]
         for row in whole.get("contenders", []):
             t = row.get("timings") or {}
-            lines.append("| " + " | ".join(_fmt(v) for v in (
-                row["name"], row.get("wall_s"), row.get("speed_up"), t.get("train"), t.get("eval"),
-                t.get("checkpoint"), t.get("reset"), row.get("dense_acc"), row.get("fit_acc"),
-                row.get("note", ""))) + " |")
+            cells = [_fmt(v) for v in (row["name"], row.get("wall_s"), row.get("speed_up"), t.get("train"),
+                                       t.get("eval"), t.get("checkpoint"), t.get("reset"))]
+            cells += [_cell("dense_acc", row.get("dense_acc")), _cell("fit_acc", row.get("fit_acc")),
+                      _fmt(row.get("note", ""))]
+            lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     tests = data.get("tests")
     if tests and _wanted("tests", select):

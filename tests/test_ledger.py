@@ -203,6 +203,27 @@ def test_gpu_report_reads_pytest_output():
     assert gpu_report.parse_tests(plain) == {"counts": {"passed": 1, "error": 1}, "failed": ["tests/test_a.py::test_w"]}
 
 
+def test_gpu_report_renders(tmp_path):
+    rows = [{"name": "official", "wall_s": 40.0, "speed_up": 1.0, "dense_acc": 0.5, "fit_acc": 0.4,
+             "timings": {"train": 30.0, "eval": 5.0, "checkpoint": 1.0, "reset": 4.0}},
+            {"name": "ke_fast", "wall_s": 10.0, "speed_up": 4.0, "dense_acc": 0.52, "fit_acc": 0.41,
+             "timings": {"train": 8.0, "eval": 1.0, "checkpoint": 0.5, "reset": 0.01}},
+            {"name": "ke_fast-graphs-off", "note": "skipped: Evolution has no graphs keyword at this commit"}]
+    data = {"kind": "gpu-report", "ledger": ledger.stamp(argv="make gpu-report"),
+            "whole_run": {"description": "d", "contenders": rows},
+            "tests": {"command": "pytest tests", "counts": {"passed": 10, "failed": 1}, "failed": ["tests/a.py::b"],
+                      "seconds": 99.0, "timed_out": False},
+            "kernel_benchmarks": [{"file": "benchmarks/test_bench_reinit.py", "status": "timed out after 60 s"}]}
+    path = tmp_path / "h200-x.json"
+    ledger.write_json(path, data)
+    text = report.render(path)
+    assert "| ke_fast | 10 | 4 | 8 | 1 | 0.5 | 0.01 | 52.0% | 41.0% |  |" in text
+    assert "no graphs keyword" in text and "1 failed, 10 passed" in text and "`tests/a.py::b`" in text
+    assert "timed out after 60 s" in text
+    only = report.render(path, "whole-run")
+    assert "| contender |" in only and "**tests**" not in only and "kernel benchmarks" not in only
+
+
 def test_gpu_report_time_limit_kills_the_process_group(tmp_path):
     cmd = [sys.executable, "-c", "import subprocess, sys, time; "
            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); print('started', flush=True); "

@@ -76,9 +76,21 @@ def _test_files() -> list[str]:
     return [str(f.relative_to(REPO)) for f in cuda + [f for f in files if f not in cuda]]
 
 
+def missing_modules() -> list[str]:
+    """Packages the parts need that this environment lacks (each part would fail on its own without them)."""
+    from importlib.util import find_spec
+
+    needs = {"xdist": "pytest-xdist (tests in parallel)", "pytest_benchmark": "pytest-benchmark (kernel benchmarks)",
+             "matplotlib": "matplotlib (ke_fast plots each run)", "pytest": "pytest"}
+    return [what for module, what in needs.items() if find_spec(module) is None]
+
+
 def tests_command() -> list[str]:
+    from importlib.util import find_spec
+
     workers = max(1, min(8, os.cpu_count() or 1))
-    return [sys.executable, "-m", "pytest", *_test_files(), "-v", "-p", "no:cacheprovider", "-n", str(workers), "-rfE"]
+    parallel = ["-n", str(workers)] if find_spec("xdist") is not None else []
+    return [sys.executable, "-m", "pytest", *_test_files(), "-v", "-p", "no:cacheprovider", *parallel, "-rfE"]
 
 
 def bench_command(name: str, json_path: Path) -> list[str]:
@@ -103,6 +115,9 @@ def plan(budget: float) -> str:
     for name, seconds in KERNEL_FILES:
         lines.append(f"   - at most {seconds} s: {short(bench_command(name, Path(f'<gpu>-<date>-<commit>-bench-{name}.json')))}")
     lines.append("writes benchmarks/results/<gpu>-<date>-<commit>.json and .md (and the -bench-*.json files)")
+    missing = missing_modules()
+    if missing:
+        lines.append("missing here (install them first): " + ", ".join(missing))
     return "\n".join(lines)
 
 
@@ -367,7 +382,10 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out_dir / ledger.results_path("", stamp).name
     with tempfile.TemporaryDirectory(prefix="ke_fast-gpu-report-") as tmp_name:
         tmp = Path(tmp_name)
-        report: dict[str, Any] = {"kind": "gpu-report", "ledger": stamp, "budget_s": args.budget}
+        report: dict[str, Any] = {"kind": "gpu-report", "ledger": stamp, "budget_s": args.budget,
+                                  "missing_modules": missing_modules()}
+        if report["missing_modules"]:
+            print("missing (the parts that need them will fail): " + ", ".join(report["missing_modules"]))
         report["whole_run"] = whole_run(clock, tmp)
         report["tests"] = tests_part(clock, tmp)
         print(f"tests: {report['tests'].get('counts')}")

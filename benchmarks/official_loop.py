@@ -14,8 +14,8 @@ What makes it the official algorithm (and what ke_fast does differently):
   ``kaiming_uniform_(a=sqrt(5))`` tensor, then ``torch.where(mask.bool(), w, new)``; a bias takes
   U(+-1/sqrt(fan_in)) on the outputs of wholly reset filters;
 * a fresh SGD (momentum, weight decay) and a linear warm-up + cosine schedule stepped per batch, the loss
-  label-smoothed; data from a host ``DataLoader`` (shuffled, the last partial batch kept), moved to the device
-  batch by batch;
+  label-smoothed; data from a host ``DataLoader`` (shuffled, the last partial batch kept; pinned memory and
+  asynchronous copies on CUDA, as the official code asks), moved to the device batch by batch;
 * after training: accuracy of the dense network and of the fit hypothesis, then a checkpoint.
 
 Same work as ke_fast's defaults: the hyper-parameters default to ke_fast's ``Config`` (a test checks it), the
@@ -224,8 +224,8 @@ def run(cfg: OfficialConfig, train: Dataset, test: Dataset, out_dir: Path, devic
             model.train()
             order = torch.Generator().manual_seed(1000 * cfg.seed + 100 * g + epoch)
             for x, y in DataLoader(train, batch_size=cfg.batch_size, shuffle=True, generator=order,
-                                   num_workers=cfg.workers):
-                x, y = x.to(device), y.to(device)
+                                   num_workers=cfg.workers, pin_memory=device.type == "cuda"):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
                 opt.zero_grad()
                 loss.backward()

@@ -241,12 +241,16 @@ def kernel_part(clock: Clock, tmp: Path, out_dir: Path, stem: str) -> list[dict[
 
 
 # ------------------------------------------------------------------------------------------------ one contender
+def stored_side(size: int) -> int:
+    """The side training images are kept at for the random-resized crop: ke_fast.data.stored_size's rule
+    (tests/test_ledger.py checks they agree), computed here so the official process never imports ke_fast."""
+    return round(size * 256 / 224)
+
+
 def _paper_images(p: dict[str, Any]):
     import official_loop
 
-    from ke_fast.data import stored_size
-
-    train_x, train_y = official_loop.synthetic_images(p["images"], p["classes"], stored_size(p["size"], True), seed=1)
+    train_x, train_y = official_loop.synthetic_images(p["images"], p["classes"], stored_side(p["size"]), seed=1)
     test_x, test_y = official_loop.synthetic_images(p["images"], p["classes"], p["size"], seed=2)
     return train_x, train_y, test_x, test_y
 
@@ -258,23 +262,30 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _warm_up(build, p: dict[str, Any], device, amp: bool) -> None:
-    """Untimed: the CUDA context, cuDNN's algorithm choice, the Triton kernels' compilation (the C++ ones on CPU)."""
+def _warm_up(build, p: dict[str, Any], device, amp: bool, ke: bool) -> None:
+    """Untimed: the CUDA context, cuDNN's algorithm choice, the optimizer's imports and, for ke_fast (``ke``), its
+    kernels' compilation (Triton; the C++ extension on CPU). The official side never imports ke_fast."""
     import torch
     import torch.nn.functional as F
 
-    import ke_fast
-
     net = build().to(device)
-    ke_fast.split(net, "kels", p["split_rate"])
-    ke_fast.reinit_(net, 1)
+    if ke:
+        import ke_fast
+
+        ke_fast.split(net, "kels", p["split_rate"])
+        ke_fast.reinit_(net, 1)
     x = torch.randn(p["batch_size"], 3, p["size"], p["size"], device=device)
     y = torch.randint(0, p["classes"], (p["batch_size"],), device=device)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)  # creating one imports torch._dynamo (seconds)
     for use_amp in {False, amp}:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             F.cross_entropy(net(x), y).backward()
-    with ke_fast.fit_only(net), torch.no_grad():
-        net(x)
+        opt.step()
+    with torch.no_grad():
+        if ke:
+            with ke_fast.fit_only(net):
+                net(x)
+        net.eval()(x)
     _sync(device)
 
 
@@ -314,7 +325,7 @@ def worker(name: str, result: Path, smoke: bool = False) -> int:
             train = official_loop.HostAugmented(train_x, train_y, p["size"], True)
             test = official_loop.HostAugmented(test_x, test_y, p["size"], False)
             build = lambda: official_loop.ResNet18(p["classes"], 3, "imagenet", p["width"])  # noqa: E731
-            _warm_up(build, p, device, amp=False)
+            _warm_up(build, p, device, amp=False, ke=False)
             t0 = time.perf_counter()
             history = official_loop.run(cfg, train, test, Path(tmp), device, build, timings)
             _sync(device)
@@ -329,7 +340,7 @@ def worker(name: str, result: Path, smoke: bool = False) -> int:
             cfg = Config(split="kels", split_rate=p["split_rate"], generations=p["generations"], epochs=p["epochs"],
                          batch_size=p["batch_size"], seed=p["seed"], warmup_epochs=p["warmup_epochs"])
             build = lambda: resnet18(num_classes=p["classes"], width=p["width"])  # noqa: E731
-            _warm_up(build, p, device, amp=device.type == "cuda")
+            _warm_up(build, p, device, amp=device.type == "cuda", ke=True)
             t0 = time.perf_counter()
             evo = Evolution(build(), train, test, cfg, Path(tmp) / "run", device=device, progress=False,
                             log=lambda _: None, **kwargs)

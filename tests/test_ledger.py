@@ -232,6 +232,13 @@ def test_gpu_report_time_limit_kills_the_process_group(tmp_path):
     assert out["timed_out"] and out["seconds"] < 15 and "started" in out["output"]
 
 
+def test_gpu_report_data_sizes_match_ke_fast():
+    from ke_fast.data import stored_size
+
+    for size in (32, 64, 224, 227, 299):
+        assert gpu_report.stored_side(size) == stored_size(size, True)
+
+
 def test_gpu_report_graphs_row_is_skipped_without_the_keyword(tmp_path):
     from ke_fast.evolve import Evolution
 

@@ -17,8 +17,8 @@ time is killed with its process group and reported as timed out; the next part s
    * ``official``: ``benchmarks/official_loop.py``'s loop (fp32, rebuild + reload each generation, per-layer
      reset, a host DataLoader whose workers crop and flip each image);
    * ``ke_fast``: ``Evolution`` with its defaults (data on the device, the augmentation there);
-   * ``ke_fast-graphs-off``: ``graphs=False`` (skipped, with a note, where ``Evolution`` has no ``graphs``
-     keyword);
+   * ``ke_fast-graphs-off``: ``graphs=False`` (an ``Evolution`` keyword or a ``Config`` field, whichever exists;
+     skipped, with a note, where neither does);
    * ``ke_fast-compile-default``: ``compile=True`` (``torch.compile``'s default mode; ``graphs=False`` too
      where that keyword exists, so the row measures the compiler alone).
 
@@ -299,19 +299,32 @@ def worker(name: str, result: Path, smoke: bool = False) -> int:
     p = SMOKE if smoke else PAPER
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    kwargs = dict(next(k for n, k, _ in CONTENDERS if n == name) or {})
+    wanted = dict(next(k for n, k, _ in CONTENDERS if n == name) or {})
     row: dict[str, Any] = {"name": name}
+    kwargs: dict[str, Any] = {}  # Evolution's keywords
+    options: dict[str, Any] = {}  # Config fields (where a switch lives in the Config rather than in Evolution)
     if name != "official":
-        from ke_fast.evolve import Evolution
+        import dataclasses
+
+        from ke_fast.evolve import Config, Evolution
 
         accepted = inspect.signature(Evolution.__init__).parameters
-        if "graphs" not in accepted:
-            if kwargs.get("graphs") is False and "compile" not in kwargs:
-                row["note"] = "skipped: Evolution has no graphs keyword at this commit"
+        fields = {f.name for f in dataclasses.fields(Config)}
+        for key, value in wanted.items():
+            if key in accepted:
+                kwargs[key] = value
+            elif key in fields:
+                options[key] = value
+        if "graphs" in wanted and "graphs" not in kwargs and "graphs" not in options:
+            if "compile" not in wanted:
+                row["note"] = "skipped: neither Evolution nor Config has a graphs switch at this commit"
                 result.write_text(json.dumps(row))
                 return 0
-            kwargs.pop("graphs", None)
-        row["kwargs"] = kwargs
+        if "compile" in wanted and "compile" not in kwargs and "compile" not in options:
+            row["note"] = "skipped: neither Evolution nor Config has a compile switch at this commit"
+            result.write_text(json.dumps(row))
+            return 0
+        row["kwargs"], row["config"] = kwargs, options
     train_x, train_y, test_x, test_y = _paper_images(p)
     timings: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -332,13 +345,12 @@ def worker(name: str, result: Path, smoke: bool = False) -> int:
             wall = time.perf_counter() - t0
         else:
             from ke_fast.data import ImageSet
-            from ke_fast.evolve import Config
             from ke_fast.models import resnet18
 
             train = ImageSet.from_tensors(train_x, train_y, p["size"], True)
             test = ImageSet.from_tensors(test_x, test_y, p["size"], False)
             cfg = Config(split="kels", split_rate=p["split_rate"], generations=p["generations"], epochs=p["epochs"],
-                         batch_size=p["batch_size"], seed=p["seed"], warmup_epochs=p["warmup_epochs"])
+                         batch_size=p["batch_size"], seed=p["seed"], warmup_epochs=p["warmup_epochs"], **options)
             build = lambda: resnet18(num_classes=p["classes"], width=p["width"])  # noqa: E731
             _warm_up(build, p, device, amp=device.type == "cuda", ke=True)
             t0 = time.perf_counter()

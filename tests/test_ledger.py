@@ -208,7 +208,7 @@ def test_gpu_report_renders(tmp_path):
              "timings": {"train": 30.0, "eval": 5.0, "checkpoint": 1.0, "reset": 4.0}},
             {"name": "ke_fast", "wall_s": 10.0, "speed_up": 4.0, "dense_acc": 0.52, "fit_acc": 0.41,
              "timings": {"train": 8.0, "eval": 1.0, "checkpoint": 0.5, "reset": 0.01}},
-            {"name": "ke_fast-graphs-off", "note": "skipped: Evolution has no graphs keyword at this commit"}]
+            {"name": "ke_fast-graphs-off", "note": "skipped: neither Evolution nor Config has a graphs switch"}]
     data = {"kind": "gpu-report", "ledger": ledger.stamp(argv="make gpu-report"),
             "whole_run": {"description": "d", "contenders": rows},
             "tests": {"command": "pytest tests", "counts": {"passed": 10, "failed": 1}, "failed": ["tests/a.py::b"],
@@ -218,7 +218,8 @@ def test_gpu_report_renders(tmp_path):
     ledger.write_json(path, data)
     text = report.render(path)
     assert "| ke_fast | 10 | 4 | 8 | 1 | 0.5 | 0.01 | 52.0% | 41.0% |  |" in text
-    assert "no graphs keyword" in text and "1 failed, 10 passed" in text and "`tests/a.py::b`" in text
+    assert "has a graphs switch" in text
+    assert "1 failed, 10 passed" in text and "`tests/a.py::b`" in text
     assert "timed out after 60 s" in text
     only = report.render(path, "whole-run")
     assert "| contender |" in only and "**tests**" not in only and "kernel benchmarks" not in only
@@ -244,10 +245,12 @@ def test_gpu_report_graphs_row_is_skipped_without_the_keyword(tmp_path):
 
     import inspect
 
-    if "graphs" in inspect.signature(Evolution.__init__).parameters:
-        pytest.skip("Evolution has a graphs keyword: the row runs")
+    from dataclasses import fields as config_fields
+
+    if "graphs" in inspect.signature(Evolution.__init__).parameters or "graphs" in {f.name for f in config_fields(Config)}:
+        pytest.skip("Evolution or Config has a graphs switch: the row runs")
     assert gpu_report.worker("ke_fast-graphs-off", tmp_path / "r.json") == 0
-    assert "no graphs keyword" in json.loads((tmp_path / "r.json").read_text())["note"]
+    assert "has a graphs switch" in json.loads((tmp_path / "r.json").read_text())["note"]
 
 
 # ------------------------------------------------------------------------------------------------ official loop

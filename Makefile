@@ -11,7 +11,7 @@ TORCH ?= torch==2.13.0
 WORKERS ?= auto
 HAS_CUDA := $(shell $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1 && echo 1)
 
-.PHONY: install test demo bench aot aot-matrix
+.PHONY: install test demo bench bench-cli gpu-report aot aot-matrix
 
 install:
 ifeq ($(HAS_CUDA),1)
@@ -32,8 +32,21 @@ test: install
 demo: install
 	$(PY) -m ke_fast run
 
+# Results ledger (benchmarks/ledger.py): each target writes its JSON under benchmarks/results/, named
+# <machine>-<date>-<commit>[-dirty], with the commit, a clean-tree flag, the machine and the command inside.
+# bench: the kernel benchmarks (pytest-benchmark). bench-cli: whole CLI runs as paired, repeated processes
+# (CLI_ARGS, e.g. CLI_ARGS="--case cpu-run --repeats 7"). gpu-report: on a GPU host the CUDA tests, the
+# paper-scale whole run and the kernel benchmarks in under 10 minutes; elsewhere it prints its plan.
+# Render any of them with: python benchmarks/report.py FILE; README blocks: python benchmarks/report.py --update-readme
 bench: install
-	$(PY) -m pytest benchmarks --benchmark-only
+	KE_FAST_LEDGER_COMMAND="make bench" $(PY) -m pytest benchmarks --benchmark-only \
+	  --benchmark-json=$$($(PY) benchmarks/ledger.py path)
+
+bench-cli: install
+	KE_FAST_LEDGER_COMMAND='make bench-cli$(if $(CLI_ARGS), CLI_ARGS="$(CLI_ARGS)")' $(PY) benchmarks/cli_bench.py $(CLI_ARGS)
+
+gpu-report: install
+	KE_FAST_LEDGER_COMMAND="make gpu-report" $(PY) benchmarks/gpu_report.py
 
 aot: install
 	$(PY) -m ke_fast.kernels.aot

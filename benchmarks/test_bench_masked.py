@@ -43,18 +43,12 @@ CUDA: bf16 autocast and channels_last), gradients off:
 
 ``extra_info``: ms and "fit_only/plain". The issue's targets: <= 1.05x on an H100, <= 1.1x on CPU.
 
-Figures measured on this project's 2-core CPU (AMD EPYC, shared with other jobs: the contenders were
-interleaved round by round outside pytest-benchmark, ms as min / median, ratios to dense or plain):
-(b) dense 570 / 581; fit-eager 583 / 590 (1.02x / 1.02x); fit-op 577 / 606 (1.01x / 1.04x); fit-batched 615 / 624
-(1.08x / 1.07x: on CPU its C++ kernels run per tensor and the outputs are concatenated); a second run of 11
-rounds: eager 0.97x, op 0.98x, batched 1.11x (mins). Eager and op are even on CPU; ``TRAIN_PATH["cpu"]`` is
-"eager" (plain PyTorch, one way on both device types).
-(c) plain 29.3 / 30.1, fit_only 29.5 / 30.6: 1.01x of mins, 1.02x median of the paired ratios (at 3x32x32
-input: 5.46 / 5.37 ms, 0.98x / 1.00x). The per-forward cost of the cache check is ~5 us per layer here.
+Figures: only from a results file of ``make bench`` (``benchmarks/results/``; ``python benchmarks/report.py``
+renders it); this file quotes none.
 
-Timing: on CUDA ``triton.testing.do_bench`` (flushes L2) gives the ms in ``extra_info``; pytest-benchmark's
-table then times fn + synchronize. On CPU the pytest-benchmark mean (``benchmark.pedantic``, few rounds) is
-the number.
+Timing: ``benchmarks/_timing.py`` (on CUDA ``triton.testing.do_bench``, which flushes L2, gives the ms in
+``extra_info``; pytest-benchmark's table then times fn + synchronize. On CPU the pytest-benchmark mean of a
+few rounds is the number). ``extra_info["ran"]`` names the implementation or training path that executed.
 """
 from __future__ import annotations
 
@@ -64,9 +58,8 @@ import functools
 
 import pytest
 import torch
-from _timing import device_seconds as _device_seconds
-from _timing import sync as _sync
 import torch.nn.functional as F
+from _timing import device_seconds, measure, record, sync
 from torch import nn
 from torch.nn.utils import prune
 
@@ -155,42 +148,30 @@ def _copy_buffers(nbytes: int):
 def _copy_gbps(nbytes: int) -> float:
     """GB/s of a device copy moving nbytes (read + write), measured once per size."""
     src, dst = _copy_buffers(nbytes)
-    return 2 * src.numel() * 4 / _device_seconds(lambda: dst.copy_(src)) / 1e9
+    return 2 * src.numel() * 4 / device_seconds(lambda: dst.copy_(src)) / 1e9
 
 
-def _measure(benchmark, fn, rounds: int) -> float | None:
-    """Run the benchmark; seconds per call (do_bench on CUDA, the pytest-benchmark mean on CPU)."""
-    if CUDA:
-        seconds = _device_seconds(fn)
-
-        def run():
-            fn()
-            torch.cuda.synchronize()
-
-        benchmark.pedantic(run, rounds=rounds, warmup_rounds=2)
-        return seconds
-    benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1)
-    stats = benchmark.stats  # None under --benchmark-disable
-    if stats is None:
-        return None
-    benchmark.extra_info["min ms"] = stats.stats.min * 1e3  # the least disturbed round on a shared CPU
-    return stats.stats.mean
+def _implementation() -> str:
+    """The implementation the ke_fast ops run on this device (the KE_FAST_BACKEND override included)."""
+    return f"ke_fast::masked_weight, {ops.implementation(DEVICE.type)} implementation"
 
 
-def _device_name() -> str:
-    return torch.cuda.get_device_name() if CUDA else "cpu"
+@functools.lru_cache(maxsize=None)
+def _eager_seconds(case: str, dtype_id: str) -> float:
+    """The eager baseline's seconds for a case (outside pytest-benchmark, once per case)."""
+    items, dtype = _weight_set(case), DTYPES[dtype_id]
+    return device_seconds(lambda: [(w * mask).to(dtype) for w, _, mask in items])
 
 
-def _record_mask(benchmark, case: str, dtype_id: str, seconds: float | None) -> None:
+def _record_mask(benchmark, case: str, dtype_id: str, seconds: float | None, ran: str,
+                 baseline_s: float | None = None) -> None:
     nbytes = _bytes_moved(case, dtype_id)
-    benchmark.extra_info["device"] = _device_name()
-    benchmark.extra_info["layers"] = len(_weight_set(case))
-    benchmark.extra_info["bytes moved"] = nbytes
+    extra = {"layers": len(_weight_set(case)), "bytes moved": nbytes}
     if seconds:
         gbps = nbytes / seconds / 1e9
-        benchmark.extra_info["ms"] = seconds * 1e3
-        benchmark.extra_info["GB/s"] = gbps
-        benchmark.extra_info["% of copy GB/s"] = 100.0 * gbps / _copy_gbps(nbytes)
+        extra.update({"GB/s": gbps, "% of copy GB/s": 100.0 * gbps / _copy_gbps(nbytes)})
+    record(benchmark, seconds, ran=ran, baseline="eager (w * M).to(dtype)" if baseline_s else None,
+           baseline_s=baseline_s, **extra)
 
 
 # ----------------------------------------------------------------------------------------------- (a) masked weight
@@ -205,11 +186,11 @@ def test_masked_weight_kernel(benchmark, case, dtype_id):
             ops.masked_weight(w, words, dtype)
 
     fn()  # compiles the Triton kernel outside the timed region
-    _sync()
-    seconds = _measure(benchmark, fn, MASK_ROUNDS)
-    _record_mask(benchmark, case, dtype_id, seconds)
+    sync()
+    seconds = measure(benchmark, fn, MASK_ROUNDS)
+    _record_mask(benchmark, case, dtype_id, seconds, _implementation(), _eager_seconds(case, dtype_id))
     outs = [ops.masked_weight(w, words, dtype) for w, words, _ in items]
-    _sync()
+    sync()
     for out, (w, _, mask) in zip(outs, items):
         assert out.dtype == dtype and out.shape == w.shape
         assert torch.equal(out, (w * mask).to(dtype)), "masked_weight differs from (w * M).to(dtype)"
@@ -226,9 +207,9 @@ def test_masked_weight_eager(benchmark, case, dtype_id):
             (w * mask).to(dtype)
 
     fn()
-    _sync()
-    seconds = _measure(benchmark, fn, MASK_ROUNDS)
-    _record_mask(benchmark, case, dtype_id, seconds)
+    sync()
+    seconds = measure(benchmark, fn, MASK_ROUNDS)
+    _record_mask(benchmark, case, dtype_id, seconds, "eager (w * M).to(dtype), float 0/1 mask")
     benchmark.extra_info["traffic_bytes"] = _eager_traffic(case, dtype_id)
 
 
@@ -241,10 +222,10 @@ def test_masked_weight_copy_same_bytes(benchmark, case, dtype_id):
         dst.copy_(src)
 
     fn()
-    _sync()
-    seconds = _measure(benchmark, fn, MASK_ROUNDS)
-    _record_mask(benchmark, case, dtype_id, seconds)
-    _sync()
+    sync()
+    seconds = measure(benchmark, fn, MASK_ROUNDS)
+    _record_mask(benchmark, case, dtype_id, seconds, "dst.copy_(src) of the same bytes (roofline)")
+    sync()
     assert torch.equal(dst, src)
 
 
@@ -322,7 +303,7 @@ def _dense_seconds() -> tuple[float, float | None]:
     """The dense step's (seconds, min seconds) from this run (measured here if the dense test did not run first)."""
     if "dense" not in _STEP_SECONDS:
         step, _ = _step_fn("dense")
-        _STEP_SECONDS["dense"] = (_device_seconds(step), None)
+        _STEP_SECONDS["dense"] = (device_seconds(step), None)
     return _STEP_SECONDS["dense"]
 
 
@@ -332,20 +313,24 @@ def test_train_step(benchmark, kind):
                                                  else "small stem b32 3x32x32 fp32")
     step, net = _step_fn(kind)
     step()  # warm-up: kernel compilation, allocator, cuDNN plan choice
-    _sync()
-    seconds = _measure(benchmark, step, STEP_ROUNDS)
-    benchmark.extra_info["device"] = _device_name()
-    benchmark.extra_info["default training path"] = knn.TRAIN_PATH.get(DEVICE.type)
+    sync()
+    seconds = measure(benchmark, step, STEP_ROUNDS)
+    ran = {"dense": "dense mode", "prune": "torch.nn.utils.prune.custom_from_mask, unsplit model"}.get(
+        kind, f"fit mode, training path {kind[len('fit-'):]!r}")
+    dense = dense_min = None
     if seconds:
         least = benchmark.extra_info.get("min ms")
         _STEP_SECONDS[kind] = (seconds, None if least is None else least / 1e3)
-        benchmark.extra_info["ms"] = seconds * 1e3
         dense, dense_min = _dense_seconds()
+    record(benchmark, seconds, ran=ran, baseline="dense step" if kind != "dense" else None, baseline_s=dense,
+           **{"default training path": knn.TRAIN_PATH.get(DEVICE.type)})
+    if seconds:
         benchmark.extra_info["fit/dense"] = seconds / dense
+        least = benchmark.extra_info.get("min ms")
         if least is not None and dense_min:
             benchmark.extra_info["fit/dense (min)"] = least / 1e3 / dense_min
     loss = step()
-    _sync()
+    sync()
     assert torch.isfinite(loss).item()
     if kind.startswith("fit"):  # fit mode gives the reset weights no gradient: only weight decay moves them
         m = dict(ke_fast.masked_layers(net))["layer4.1.conv2"]
@@ -394,15 +379,17 @@ def test_fit_eval_batch1(benchmark, kind):
             return net(x)
 
         want = fn()  # warm-up; fit_only computes and caches W*M here
-        _sync()
-        seconds = _measure(benchmark, fn, EVAL_ROUNDS)
-        benchmark.extra_info["device"] = _device_name()
+        sync()
+        seconds = measure(benchmark, fn, EVAL_ROUNDS)
+        plain_s = None
         if seconds:
             _EVAL_SECONDS[kind] = seconds
-            benchmark.extra_info["ms"] = seconds * 1e3
             if kind != "plain":
-                plain_s = _EVAL_SECONDS.get("plain") or _device_seconds(lambda: plain(x))
+                plain_s = _EVAL_SECONDS.get("plain") or device_seconds(lambda: plain(x))
                 benchmark.extra_info["fit_only/plain"] = seconds / plain_s
+        record(benchmark, seconds, ran="ke_fast.fit_only (W*M cached)" if kind == "fit_only" else
+               "plain model holding W*M", baseline="plain model holding W*M" if kind != "plain" else None,
+               baseline_s=plain_s)
         got = fn()
         other = plain(x) if kind == "fit_only" else want
     torch.testing.assert_close(got.float(), other.float(), **({"rtol": 2e-2, "atol": 2e-2} if CUDA else {}))

@@ -14,10 +14,12 @@ is one, else CPU. Masks: KELS 0.5 and WELS 0.5. Contenders, one group per (model
 * ``compile``: ``torch.compile`` of that same loop (compiled and warmed up outside the timed region).
 * ``copy``: ``dst.copy_(src)`` of a flat buffer as large as the bytes reinit_ must move.
 
-Timing: on CUDA ``triton.testing.do_bench`` (flushes L2 between reps; ResNet-18's weights fit in H100's L2)
-gives the ms in ``extra_info``; pytest-benchmark's own table then times fn + synchronize, host overhead
-included. On CPU the pytest-benchmark mean is the number. ``extra_info`` holds ms, bytes, GB/s and, for
-reinit_, the % of the copy bandwidth measured in the same run.
+Timing: ``benchmarks/_timing.py``: on CUDA ``triton.testing.do_bench`` (flushes L2 between reps; ResNet-18's
+weights would otherwise sit in an H100's L2) gives the ms in ``extra_info``; pytest-benchmark's own table
+then times fn + synchronize, host overhead included. On CPU the pytest-benchmark mean is the number.
+``extra_info`` holds ms, bytes, GB/s, the official per-layer loop as the baseline with the speed-up over it,
+what ran (``ran``: the op's implementation on this device) and, for the fused reset, the % of the copy
+bandwidth measured in the same run.
 """
 from __future__ import annotations
 
@@ -26,12 +28,12 @@ import math
 
 import pytest
 import torch
-from _timing import device_seconds as _device_seconds
-from _timing import sync as _sync
+from _timing import device_seconds, measure, record, sync
 from torch import nn
 
 import ke_fast
 from ke_fast import kernels as K
+from ke_fast import ops
 from ke_fast.models import resnet18, resnet50
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -134,39 +136,36 @@ def _copy_gbps(nbytes: int) -> float:
     """Copy bandwidth in GB/s counting read + write (2 * nbytes per call) of an nbytes buffer, measured once."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=DEVICE).uniform_()
     dst = torch.empty_like(src)
-    return 2 * nbytes / _device_seconds(lambda: dst.copy_(src)) / 1e9
+    return 2 * nbytes / device_seconds(lambda: dst.copy_(src)) / 1e9
 
 
-def _measure(benchmark, fn, rounds: int | None) -> float | None:
-    """Run the benchmark; return seconds per call (do_bench on CUDA, the pytest-benchmark mean on CPU)."""
-    if CUDA:
-        seconds = _device_seconds(fn)
-
-        def run():
-            fn()
-            torch.cuda.synchronize()
-
-        benchmark.pedantic(run, rounds=rounds or 20, warmup_rounds=2)
-        return seconds
-    if rounds is None:
-        benchmark(fn)
-    else:
-        benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1)
-    stats = benchmark.stats  # None under --benchmark-disable
-    return stats.stats.mean if stats is not None else None
-
-
-def _record(benchmark, seconds: float | None, nbytes: int, *, traffic: int | None = None) -> None:
-    """extra_info: ms, bytes reinit_ must move and the effective GB/s on them (same work for every contender)."""
-    benchmark.extra_info["device"] = str(torch.cuda.get_device_name() if CUDA else "cpu")
-    benchmark.extra_info["bytes"] = nbytes
+def _record(benchmark, seconds: float | None, nbytes: int, *, traffic: int | None = None, ran: str,
+            baseline_s: float | None = None) -> None:
+    """extra_info: bytes reinit_ must move and the effective GB/s on them (same work for every contender),
+    what ran, and the speed-up over the official per-layer loop when ``baseline_s`` is given."""
+    extra: dict = {"bytes": nbytes}
     if traffic is not None:
-        benchmark.extra_info["traffic_bytes"] = traffic
+        extra["traffic_bytes"] = traffic
     if seconds:
-        benchmark.extra_info["ms"] = seconds * 1e3
-        benchmark.extra_info["GB/s"] = nbytes / seconds / 1e9
+        extra["GB/s"] = nbytes / seconds / 1e9
         if traffic is not None:
-            benchmark.extra_info["traffic GB/s"] = traffic / seconds / 1e9
+            extra["traffic GB/s"] = traffic / seconds / 1e9
+    record(benchmark, seconds, ran=ran, baseline="official per-layer loop" if baseline_s else None,
+           baseline_s=baseline_s, **extra)
+
+
+@functools.lru_cache(maxsize=None)
+def _official_seconds(model: str, mode: str) -> float:
+    """The official per-layer loop's seconds on a case (outside pytest-benchmark, once per case)."""
+    weights, _, fans = _fresh(model, mode)
+    weights = [nn.Parameter(w) for w in weights]
+    _, floats = _masks(model, mode)
+    bounds = _bias_bounds(weights, fans)
+    return device_seconds(lambda: _official_loop(weights, floats, bounds), reps=3)
+
+
+def _op_ran() -> str:
+    return f"ke_fast::reset_entries_, {ops.implementation(DEVICE.type)} implementation"
 
 
 # ----------------------------------------------------------------------------------------------- sanity
@@ -202,14 +201,14 @@ def test_reinit_fused(benchmark, model, mode, api):
             ke_fast.ReinitPlan(weights, masks, seed=SEED, fans=fans).run(1)
 
     fn()  # builds the C++ extension / compiles the Triton kernel outside the timed region
-    _sync()
+    sync()
     nbytes = _bytes_moved(model, mode)
-    seconds = _measure(benchmark, fn, rounds=None)
-    _record(benchmark, seconds, nbytes, traffic=nbytes)
+    seconds = measure(benchmark, fn, rounds=None)
+    _record(benchmark, seconds, nbytes, traffic=nbytes, ran=_op_ran(), baseline_s=_official_seconds(model, mode))
     if seconds:
         pct = 100.0 * (nbytes / seconds / 1e9) / _copy_gbps(nbytes)
         benchmark.extra_info["% of copy bandwidth"] = pct
-    _sync()
+    sync()
     _check_reset(weights, originals, floats)
 
 
@@ -225,10 +224,10 @@ def test_reinit_eager_official(benchmark, model, mode):
         _official_loop(weights, floats, bounds)
 
     fn()
-    _sync()
-    seconds = _measure(benchmark, fn, rounds=SLOW_ROUNDS[model])
-    _record(benchmark, seconds, _bytes_moved(model, mode))
-    _sync()
+    sync()
+    seconds = measure(benchmark, fn, rounds=SLOW_ROUNDS[model])
+    _record(benchmark, seconds, _bytes_moved(model, mode), ran="official per-layer loop, eager")
+    sync()
     _check_reset([w.detach() for w in weights], originals, floats)
 
 
@@ -243,16 +242,17 @@ def test_reinit_compiled_official(benchmark, model, mode):
         compiled = _get_compiled()
         compiled(weights, floats, bounds)  # compile (once per model) and warm up, untimed
         compiled(weights, floats, bounds)
-        _sync()
+        sync()
     except Exception as exc:  # no compiler / unsupported backend on this machine
         pytest.skip(f"torch.compile failed: {type(exc).__name__}: {exc}")
 
     def fn():
         compiled(weights, floats, bounds)
 
-    seconds = _measure(benchmark, fn, rounds=SLOW_ROUNDS[model])
-    _record(benchmark, seconds, _bytes_moved(model, mode))
-    _sync()
+    seconds = measure(benchmark, fn, rounds=SLOW_ROUNDS[model])
+    _record(benchmark, seconds, _bytes_moved(model, mode), ran="torch.compile of the official loop",
+            baseline_s=_official_seconds(model, mode))
+    sync()
     _check_reset([w.detach() for w in weights], originals, floats)
 
 
@@ -270,9 +270,9 @@ def test_reinit_copy_same_bytes(benchmark, model, mode):
         dst.copy_(src)
 
     fn()
-    _sync()
-    seconds = _measure(benchmark, fn, rounds=None)
-    _record(benchmark, seconds, nbytes, traffic=2 * nbytes)
+    sync()
+    seconds = measure(benchmark, fn, rounds=None)
+    _record(benchmark, seconds, nbytes, traffic=2 * nbytes, ran="dst.copy_(src) of the same bytes (roofline)")
     benchmark.extra_info["copy GB/s (cached, read+write)"] = _copy_gbps(nbytes)
-    _sync()
+    sync()
     assert torch.equal(dst, src)

@@ -24,7 +24,7 @@ each with a random WELS mask (``torch.rand < s``, fixed seed) at split rate s in
 "bytes" (each contender's own minimum traffic) = its weight storage (dense: N*K elements; triton and dispatch:
 ``Compressed.nbytes()``; csr: crow + col + values) + the input + the output in the run dtype.
 ``extra_info``: ms, bytes, GB/s on those bytes, TFLOP/s counting the dense 2*M*N*K (so every contender is on
-the same scale), "speed-up vs dense" (dense ms / this ms, dense measured in the same run) and, on CUDA,
+the same scale), "speed-up" over "baseline" (dense ms / this ms, dense measured in the same run) and, on CUDA,
 "% of H100 3.35 TB/s (nominal)": GB/s over the H100 SXM's data-sheet HBM bandwidth, not a measured copy.
 
 (a') Skinny linears (group "skinny ..."): 4096x4096 and 11008x4096 at 1-16 rows, density 0.5 and 0.3: the
@@ -41,10 +41,13 @@ against its W*M model ``kels_dense_baked_ro``. CUDA: 1x3x224x224, bf16, channels
 
 CPU threads: 1 by default (``KE_FAST_BENCH_THREADS``; 0 = torch's default), restored after the file.
 
-Timing: on CUDA ``triton.testing.do_bench`` (flushes L2) gives the ms in ``extra_info``; pytest-benchmark's
-table then times fn + synchronize, host overhead included. On CPU the pytest-benchmark mean
-(``benchmark.pedantic``, at most ``ROUNDS`` rounds, fewer for slow contenders: about ``CPU_BUDGET_S`` each) is
-the number.
+Timing: ``benchmarks/_timing.py``: on CUDA ``triton.testing.do_bench`` (flushes L2) gives the ms in
+``extra_info``; pytest-benchmark's table then times fn + synchronize, host overhead included. On CPU the
+pytest-benchmark mean (``benchmark.pedantic``, at most ``ROUNDS`` rounds, fewer for slow contenders: about
+``CPU_BUDGET_S`` each) is the number. ``extra_info["ran"]`` says what executed: the Triton kernel (on CPU only
+the interpreter, never a performance figure), the dispatcher's pick, or for the whole network how many layers
+ran the sparse kernel (e.g. "sparse kernel in 0 of 21 layers": such a network is dense compute on
+pre-multiplied weights, and its time says nothing about sparse compute).
 """
 from __future__ import annotations
 
@@ -52,13 +55,11 @@ import copy
 import functools
 import math
 import os
-import time
 
 import pytest
 import torch
-from _timing import device_seconds as _device_seconds
-from _timing import sync as _sync
 import torch.nn.functional as F
+from _timing import device_seconds, measure, record, sync
 from torch import nn
 
 import ke_fast
@@ -247,55 +248,31 @@ def _check(out: torch.Tensor, ref: torch.Tensor) -> None:
 # ----------------------------------------------------------------------------------------------- timing
 
 
-def _measure(benchmark, fn, rounds: int) -> float | None:
-    """Run the benchmark; return seconds per call (do_bench on CUDA, the pytest-benchmark mean on CPU)."""
-    if CUDA:
-        seconds = _device_seconds(fn)
-
-        def run():
-            fn()
-            torch.cuda.synchronize()
-
-        benchmark.pedantic(run, rounds=rounds, warmup_rounds=2)
-        return seconds
-    t0 = time.perf_counter()
-    fn()  # warm-up, and sizes the rounds: slow CPU contenders get fewer (>= 2) to bound the file's runtime
-    rounds = max(2, min(rounds, int(CPU_BUDGET_S / (time.perf_counter() - t0))))
-    benchmark.pedantic(fn, rounds=rounds, warmup_rounds=0)
-    stats = benchmark.stats  # None under --benchmark-disable
-    return stats.stats.mean if stats is not None else None
-
-
 _DENSE_S: dict = {}  # (layer, s, batch) or network key -> dense seconds measured in this run
 
 
 def _dense_seconds(key, fn) -> float:
     if key not in _DENSE_S:
-        _DENSE_S[key] = _device_seconds(fn)
+        _DENSE_S[key] = device_seconds(fn)
     return _DENSE_S[key]
 
 
 def _record(benchmark, seconds: float | None, nbytes: int | None, flops: int | None = None,
-            dense_s: float | None = None) -> None:
-    info = benchmark.extra_info
-    info["device"] = str(torch.cuda.get_device_name() if CUDA else "cpu")
-    info["dtype"] = str(DTYPE).replace("torch.", "")
+            dense_s: float | None = None, *, ran: str, baseline: str = "dense on W*M") -> None:
+    extra: dict = {"dtype": str(DTYPE).replace("torch.", "")}
     if not CUDA:
-        info["threads"] = torch.get_num_threads()
+        extra["threads"] = torch.get_num_threads()
     if nbytes is not None:
-        info["bytes"] = nbytes
-    if not seconds:
-        return
-    info["ms"] = seconds * 1e3
-    if nbytes is not None:
-        gbps = nbytes / seconds / 1e9
-        info["GB/s"] = gbps
-        if CUDA:
-            info["% of H100 3.35 TB/s (nominal)"] = 100.0 * gbps / H100_GBPS
-    if flops is not None:
-        info["TFLOP/s (dense-equivalent)"] = flops / seconds / 1e12
-    if dense_s:
-        info["speed-up vs dense"] = dense_s / seconds
+        extra["bytes"] = nbytes
+    if seconds:
+        if nbytes is not None:
+            gbps = nbytes / seconds / 1e9
+            extra["GB/s"] = gbps
+            if CUDA:
+                extra["% of H100 3.35 TB/s (nominal)"] = 100.0 * gbps / H100_GBPS
+        if flops is not None:
+            extra["TFLOP/s (dense-equivalent)"] = flops / seconds / 1e12
+    record(benchmark, seconds, ran=ran, baseline=baseline if dense_s else None, baseline_s=dense_s, **extra)
 
 
 def _group(benchmark, layer: str, s: float, batch: int) -> None:
@@ -309,12 +286,12 @@ def test_sparse_dense_baseline(benchmark, layer, s, batch):
     c = _case(layer, s, batch)
     fn = _dense_fn(c)
     benchmark.extra_info["max |err| / max |ref|"] = _rel_error(fn(), c["ref"])
-    _sync()
-    seconds = _measure(benchmark, fn, ROUNDS)
+    sync()
+    seconds = measure(benchmark, fn, ROUNDS, cpu_budget_s=CPU_BUDGET_S)
     if seconds:
         _DENSE_S.setdefault((layer, s, batch), seconds)
     nbytes = c["wm"].numel() * _esize() + _io_bytes(c)
-    _record(benchmark, seconds, nbytes, _flops(c))
+    _record(benchmark, seconds, nbytes, _flops(c), ran="dense (cuDNN / cuBLAS or CPU) on W*M")
     benchmark.extra_info["density"] = SC.density_of(c["cw"])
 
 
@@ -325,13 +302,14 @@ def test_sparse_torch_csr(benchmark, layer, s, batch):
     try:
         fn, wbytes = _csr_fn(c)
         out = fn()
-        _sync()
+        sync()
     except (RuntimeError, NotImplementedError) as exc:
         pytest.skip(f"torch CSR matmul unsupported for {DTYPE} on {DEVICE.type}: {type(exc).__name__}: "
                     f"{str(exc).splitlines()[0][:200]}")
     benchmark.extra_info["max |err| / max |ref|"] = _rel_error(out, c["ref"])
-    seconds = _measure(benchmark, fn, ROUNDS)
-    _record(benchmark, seconds, wbytes + _io_bytes(c), _flops(c), _dense_seconds((layer, s, batch), _dense_fn(c)))
+    seconds = measure(benchmark, fn, ROUNDS, cpu_budget_s=CPU_BUDGET_S)
+    _record(benchmark, seconds, wbytes + _io_bytes(c), _flops(c), _dense_seconds((layer, s, batch), _dense_fn(c)),
+            ran="torch CSR matmul" + (" (im2col)" if c["kind"] == "conv" else ""))
 
 
 @pytest.mark.parametrize("layer,s,batch", CASES)
@@ -350,14 +328,16 @@ def test_sparse_triton(benchmark, layer, s, batch, monkeypatch):
                         "it checks the code path, its timings mean nothing")
     fn = _triton_fn(c)
     _check(fn(), c["ref"])  # compiles + autotunes outside the timed region
-    _sync()
+    sync()
     if CUDA:
-        seconds = _measure(benchmark, fn, ROUNDS)
+        seconds = measure(benchmark, fn, ROUNDS, cpu_budget_s=CPU_BUDGET_S)
     else:  # interpreter: one round
         benchmark.pedantic(fn, rounds=1, warmup_rounds=0)
         seconds = benchmark.stats.stats.mean if benchmark.stats is not None else None
+        benchmark.extra_info["timer"] = "one round under the Triton interpreter"
     _record(benchmark, seconds, c["cw"].nbytes() + _io_bytes(c), _flops(c),
-            _dense_seconds((layer, s, batch), _dense_fn(c)))
+            _dense_seconds((layer, s, batch), _dense_fn(c)),
+            ran="Triton sparse kernel" if CUDA else "Triton sparse kernel under the interpreter (not a performance figure)")
     benchmark.extra_info["compressed / dense weight bytes"] = c["cw"].nbytes() / (c["wm"].numel() * _esize())
     if not CUDA:
         benchmark.extra_info["note"] = "Triton interpreter: not a performance figure"
@@ -375,7 +355,7 @@ def _triton_seconds(key, c: dict) -> float | None:
         os.environ["KE_FAST_BACKEND"] = "triton"
         ops.reload_settings()
         try:
-            _TRITON_S[key] = _device_seconds(_triton_fn(c))
+            _TRITON_S[key] = device_seconds(_triton_fn(c))
         finally:
             if before is None:
                 os.environ.pop("KE_FAST_BACKEND")
@@ -394,10 +374,11 @@ def test_sparse_dispatch(benchmark, layer, s, batch):
     fn = _dispatch_fn(c)
     _check(fn(), c["ref"])
     (picked,) = _choices(fn)
-    _sync()
-    seconds = _measure(benchmark, fn, ROUNDS)
+    sync()
+    seconds = measure(benchmark, fn, ROUNDS, cpu_budget_s=CPU_BUDGET_S)
     dense_s = _dense_seconds((layer, s, batch), _dense_fn(c))
-    _record(benchmark, seconds, c["cw"].nbytes() + _io_bytes(c), _flops(c), dense_s)
+    _record(benchmark, seconds, c["cw"].nbytes() + _io_bytes(c), _flops(c), dense_s,
+            ran="dispatcher: " + ("Triton sparse kernel" if picked else "dense on the kept W*M (no sparse compute)"))
     benchmark.extra_info["dispatch"] = "triton sparse kernel" if picked else "dense on the kept W*M"
     benchmark.extra_info["rows (M)"] = c["m"]
     triton_s = _triton_seconds((layer, s, batch), c)
@@ -445,13 +426,14 @@ def test_sparse_skinny_linear(benchmark, which, name, density, rows, monkeypatch
     else:
         fn = _dense_fn(c)
     _check(fn(), c["ref"])
-    _sync()
-    seconds = _measure(benchmark, fn, ROUNDS)
+    sync()
+    seconds = measure(benchmark, fn, ROUNDS, cpu_budget_s=CPU_BUDGET_S)
     dense_s = None if which == "dense" else _dense_seconds(("skinny", name, density, rows), _dense_fn(c))
     if which == "dense" and seconds:
         _DENSE_S.setdefault(("skinny", name, density, rows), seconds)
     wbytes = c["wm"].numel() * _esize() if which == "dense" else c["cw"].nbytes()
-    _record(benchmark, seconds, wbytes + _io_bytes(c), _flops(c), dense_s)
+    _record(benchmark, seconds, wbytes + _io_bytes(c), _flops(c), dense_s, baseline="cuBLAS on W*M",
+            ran="split-K skinny Triton kernel" if which == "skinny" else "dense F.linear on W*M")
     benchmark.extra_info["density"] = SC.density_of(c["cw"])
     if which == "skinny":
         benchmark.extra_info["split-K"] = SC.skinny_split(c["n"], c["cw"].bits.shape[1], DEVICE)[0]
@@ -555,21 +537,27 @@ def test_sparse_network(benchmark, which):
         fn = _net_fn(which)
         for _ in range(3):  # compiles, records the CUDA graph
             out = fn().float()
-        _sync()
+        sync()
         scale = ref.abs().max().item() or 1.0
         tol = 5e-2 if DTYPE == torch.bfloat16 else 1e-4
         assert (out - ref).abs().max().item() <= tol * scale, f"{which} output differs from fit-only"
-        seconds = _measure(benchmark, fn, NET_ROUNDS)
+        seconds = measure(benchmark, fn, NET_ROUNDS, cpu_budget_s=CPU_BUDGET_S)
         plain = {"sparse": "dense_baked", "fit_only": "dense_baked", "dense_baked": None, "sparse_ro": "dense_baked_ro",
                  "dense_baked_ro": None, "slim_ro": "kels_dense_baked_ro", "kels_dense_baked_ro": None}[which]
         plain_s = _dense_seconds(("net", plain), _net_fn(plain)) if plain else None
         if plain is None and seconds:
             _DENSE_S.setdefault(("net", which), seconds)
-    _record(benchmark, seconds, None, None, None)
+    ran = {"fit_only": "split dense model under ke_fast.fit_only (W*M cached)", "baked": "plain model holding W*M",
+           "slim": "extract_slim of a KELS 0.5 split", "kels_baked": "plain model holding the KELS split's W*M"}.get(kind)
+    if kind == "sparse":
+        picked = _choices(lambda: models["sparse"](x))
+        benchmark.extra_info["layers on triton kernel"] = f"{sum(picked)} of {len(picked)}"
+        ran = (f"extract_sparse: the Triton sparse kernel in {sum(picked)} of {len(picked)} layers, the others dense "
+               "on their kept W*M" + (" (no sparse compute at all: the time is that of pre-multiplied dense weights)"
+                                      if not any(picked) else ""))
+    _record(benchmark, seconds, None, None, plain_s, ran=ran + (f", torch.compile mode={mode!r}" if mode else ""),
+            baseline="plain model holding W*M, same compile mode")
     benchmark.extra_info["compile mode"] = mode or "eager"
     if plain_s and seconds:
         benchmark.extra_info["vs plain W*M model, same mode"] = plain_s / seconds
     benchmark.extra_info["weight bytes"] = _weight_bytes(models[kind])
-    if kind == "sparse":
-        picked = _choices(lambda: models["sparse"](x))
-        benchmark.extra_info["layers on triton kernel"] = f"{sum(picked)} of {len(picked)}"

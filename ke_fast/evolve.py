@@ -37,6 +37,12 @@ from .rundir import (CHECKPOINTS, RUN_FILES, CheckpointError, RunDir, RunExistsE
                      run_identity, save_atomic)
 from .tasks import TASKS, headline_metric  # noqa: F401  (re-exported)
 
+# the names users and tests import from here, wherever they live now (_Writer and _snapshot too, privately)
+__all__ = ["Evolution", "reset_generation_", "choose_masks_", "check_run_options", "Config", "ConfigError",
+           "EVOLVE_MODES", "CheckpointError", "RunExistsError", "save_atomic", "load_checkpoint", "data_fingerprint",
+           "architecture_fingerprint", "check_resumable", "init_process_group", "headline_metric", "CHECKPOINTS",
+           "RUN_FILES"]
+
 
 def _lr_lambda(cfg: Config, steps_per_epoch: int) -> Callable[[int], float]:
     warm = cfg.warmup_epochs * steps_per_epoch

@@ -82,8 +82,8 @@ def test_a_tables_kept_layouts_are_never_evicted():
 
 def test_masked_weights_tables_live_with_their_owner(monkeypatch):
     built = []
-    real = K.masked.masks_table
-    monkeypatch.setattr(K.masked, "masks_table", lambda *a: (built.append(a), real(*a))[1])
+    real = K.launch.masks_table
+    monkeypatch.setattr(K.launch, "masks_table", lambda *a: (built.append(a), real(*a))[1])
     ws, masks = _weights((5, 9))
     words = [K.pack_mask(m) for m in masks]
     want = [torch.where(m, w, 0.0) for w, m in zip(ws, masks)]
@@ -104,8 +104,8 @@ def test_masked_weights_tables_live_with_their_owner(monkeypatch):
 
 def test_fit_groups_are_kept_by_the_state_with_their_tables(monkeypatch):
     built = []
-    real = K.masked.masks_table
-    monkeypatch.setattr(K.masked, "masks_table", lambda *a: (built.append(a), real(*a))[1])
+    real = K.launch.masks_table
+    monkeypatch.setattr(K.launch, "masks_table", lambda *a: (built.append(a), real(*a))[1])
     model = ke_fast.split(_net(), "wels", 0.5, seed=3)
     x = torch.randn(2, 3, 7, 7)
     with torch.no_grad():

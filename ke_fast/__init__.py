@@ -10,9 +10,10 @@ from .convert import adopt, fit_only, reinit_, revert, set_mode, split
 from .masks import masked_layers, masks
 from .extract import SparseConv2d, SparseLinear, extract_slim, extract_sparse, slim_report
 from .nn import MaskedConv1d, MaskedConv2d, MaskedLayer, MaskedLinear
-from .ops import ReinitPlan, wels_mask_bits
+from .ops import wels_mask_bits
+from .reset import ReinitPlan, ResetPlan
 
 __version__ = "0.1.0"
-__all__ = ["dispatch", "kernels", "ops", "ReinitPlan", "wels_mask_bits", "extract_slim", "extract_sparse",
+__all__ = ["dispatch", "kernels", "ops", "ResetPlan", "ReinitPlan", "wels_mask_bits", "extract_slim", "extract_sparse",
            "SparseConv2d", "SparseLinear", "slim_report", "split", "revert", "adopt", "reinit_", "fit_only", "set_mode",
            "masks", "masked_layers", "MaskedConv1d", "MaskedConv2d", "MaskedLinear", "MaskedLayer"]

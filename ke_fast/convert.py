@@ -253,10 +253,11 @@ def adopt(model: nn.Module, attr: str = "mask", *, seed: int = 0) -> nn.Module:
 
 # ---- model-level operations -------------------------------------------------------------------
 
-def reinit_(model: nn.Module, generation: int, *, init: str = "kaiming_uniform_a_sqrt5", seed: int | None = None,
-            fan_mode: str = "fan_in", purpose: str = "reset", ignore_mask: bool = False,
-            whole: Mapping[str, str] | None = None) -> nn.Module:
+def reset_(model: nn.Module, generation: int, *, init: str = "kaiming_uniform_a_sqrt5", seed: int | None = None,
+           fan_mode: str = "fan_in", purpose: str = "reset", ignore_mask: bool = False,
+           whole: Mapping[str, str] | None = None) -> nn.Module:
     """Re-draw the reset hypothesis of every masked layer (weights and biases): one fused launch per dtype.
+    ``reinit_`` is this function under its old name, kept for one release.
 
     The values depend only on (seed, purpose, generation, layer index, element index): the same on
     every device, DDP rank and after a resume. ``seed`` defaults to the one given to :func:`split`.
@@ -270,7 +271,7 @@ def reinit_(model: nn.Module, generation: int, *, init: str = "kaiming_uniform_a
     It is how layer-threshold forgetting (:mod:`ke_fast.variants`) resets whole layers in the same single
     launch per dtype. ``ignore_mask=True`` is the same as ``"reset"`` for every layer.
 
-    The plan (a :class:`~ke_fast.ops.ReinitPlan` and its launch tables) is kept by the model's
+    The plan (a :class:`~ke_fast.reset.ResetPlan` and its launch tables) is kept by the model's
     :class:`~ke_fast.state.SplitState` and reused while the layers' tensors, masks and these arguments stay the
     same: a CUDA graph that captured this call replays correctly while they do."""
     layers, state = layers_and_state(model)
@@ -279,7 +280,7 @@ def reinit_(model: nn.Module, generation: int, *, init: str = "kaiming_uniform_a
     whole = _check_whole(layers, whole)
     if ignore_mask:
         if whole:
-            raise ValueError("reinit_: pass ignore_mask=True (reset everything) or whole, not both")
+            raise ValueError("reset_: pass ignore_mask=True (reset everything) or whole, not both")
         whole = {name: "reset" for name, _ in layers}
     if seed is None:
         seed = seed_of(layers)
@@ -289,6 +290,9 @@ def reinit_(model: nn.Module, generation: int, *, init: str = "kaiming_uniform_a
         for p, work in strided:
             p.detach().copy_(work)
     return model
+
+
+reinit_ = reset_  # the old name, kept for one release (the same function)
 
 
 def reset_bn_(model: nn.Module, whole: Mapping[str, str] | None = None) -> nn.Module:

@@ -1,10 +1,18 @@
 """KE split rules (KELS / WELS), the seed and stream of every layer, and mask introspection.
 
 Imports flow one way: ``nn`` (the masked layers) uses these rules; the introspection reads a model's
-:class:`~ke_fast.state.SplitState` (below this module), never ``nn``."""
+:class:`~ke_fast.state.SplitState` (below this module), never ``nn``.
+
+``ke_fast.masks`` is this module (``import ke_fast.masks as M`` gives it). The public function is
+:func:`fit_masks`; calling the module itself, ``ke_fast.masks(model)`` (the old API, when ``masks`` was the
+function), still works for one release and warns with a DeprecationWarning.
+"""
 from __future__ import annotations
 
 import math
+import sys
+import types
+import warnings
 from typing import Sequence
 
 import torch
@@ -72,7 +80,7 @@ def output_mask(words: torch.Tensor, weight_shape: torch.Size) -> torch.Tensor:
     return K.pack_mask(dense.any(dim=1))
 
 
-def masks(model: nn.Module) -> dict[str, torch.Tensor]:
+def fit_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     """{qualified name: bool fit mask of the weight's shape} for every masked layer of ``model``."""
     return {name: K.unpack_mask(m.fit_mask, m.weight.shape) for name, m in masked_layers(model)}
 
@@ -81,3 +89,15 @@ def masked_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, layer) of every masked layer, in ``named_modules`` order (for a split model's root, the list its
     :class:`~ke_fast.state.SplitState` keeps)."""
     return layers_and_state(model)[0]
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable as the function it used to shadow: ``ke_fast.masks(model)`` -> :func:`fit_masks`."""
+
+    def __call__(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        warnings.warn("ke_fast.masks(model) is deprecated: call ke_fast.fit_masks(model) (ke_fast.masks is the "
+                      "module)", DeprecationWarning, stacklevel=2)
+        return fit_masks(model)
+
+
+sys.modules[__name__].__class__ = _CallableModule

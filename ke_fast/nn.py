@@ -43,12 +43,12 @@ TRAIN_PATHS = ("op", "eager", "batched")
 #   bool tensor): two cheap launches per layer that autograd differentiates itself;
 # * "batched": one ke_fast::masked_weights call for all the layers of the model per forward (one launch per
 #   dtype on a GPU) and one for all their grad*M in the backward.
-# CUDA: "eager", from the maintainers' H100 measurements (shared/gpu-results/h100-2026-11-25): the fused kernel
-# costs 0.05-0.08 ms per layer from Python against 0.005-0.01 ms for eager (w*M).to(dtype), and a fit-mode step
-# with it was 1.79x the dense step where a plain W*M step was 1.03x. "batched" was not measured on a GPU: compare
-# with benchmarks/test_bench_masked.py (test_train_step[fit-*]) before changing this. CPU: "eager"; on a 2-core
-# EPYC (ResNet-18 small stem, batch 32) eager and op were even (0.97-1.02x the dense step) and batched 1.07-1.11x
-# (the module note of benchmarks/test_bench_masked.py has the figures).
+# CUDA: "eager". The committed H100 file benchmarks/results/h100-2026-11-25-d4ad84a-reinit-masked.json (fused
+# op per layer, commit d4ad84a) has test_train_step at 23.5 ms for fit mode against 17.2 ms dense (fit/dense
+# 1.37x) and 15.3 ms for a plain model holding W*M (prune-style, 0.89x): a launch per layer costs more than the
+# eager ops. "eager" and "batched" were not measured on a GPU: run `make bench` (benchmarks/test_bench_masked.py,
+# test_train_step[fit-*]) on one before changing this. CPU: "eager" (not yet measured at this commit: the same
+# benchmark on CPU compares the three paths).
 TRAIN_PATH: dict[str, str] = {"cuda": "eager", "cpu": "eager"}
 
 

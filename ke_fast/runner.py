@@ -77,7 +77,8 @@ def _study_seeds(args: argparse.Namespace) -> list[int] | None:
 
 def _recipe_line(args: argparse.Namespace) -> str:
     """The one line stating the effective recipe (printed at the start, stored in summary.json's config)."""
-    return recipes.describe(args.recipe, {k: getattr(args, k) for k in recipes.RECIPES[args.recipe]}
+    return recipes.describe(args.recipe, {k: getattr(args, k) for k in recipes.RECIPES[args.recipe]
+                                          if k != "image_size" or args.image_size is not None}
                             | dict(regularizer=args.regularizer))
 
 

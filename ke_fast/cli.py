@@ -18,7 +18,6 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Dataset
 
 from . import recipes
 from .config import REGULARIZERS, SCHEDULES, Config, ConfigError
@@ -281,13 +280,6 @@ def _check_out(r: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             RunDir(out).check(args.resume, args.overwrite)
     except RunExistsError as exc:
         r.error(exc.render(_flags(args)))
-
-
-def _study_seeds(args: argparse.Namespace) -> list[int] | None:
-    """The seeds of a study (--seeds, or --seed with --baseline), None for a single run."""
-    if args.seeds is None and args.baseline is None:
-        return None
-    return args.seeds or [args.seed]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -149,6 +149,18 @@ def _start_of(ckpt: dict, cfg: Config) -> tuple[int, int, dict | None, dict | No
     return g, epoch, opt_state, sched_state
 
 
+def _choose_masks(ev: "Evolution", g: int, epochs: int) -> None:
+    """The fit masks by ``mask_criterion`` at the end of generation ``g`` (``epochs`` long); SNIP scores the
+    training batches (augmented as in training) of an epoch past the last, a seeded order."""
+    choose_masks_(ev.model, ev.cfg, lambda x, y: ev._forward_loss_eager(ev.model, x, y),
+                  ev._train.epoch(ev.cfg.batch_size, ev.cfg.seed, g, epochs, pairs=ev.task.pairs))
+
+
+def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
+    """The metrics of N_g (``dense_``) or H^F_g (``fit_``) as the history row names them."""
+    return {prefix + k: v for k, v in metrics.items()}
+
+
 class _Progress:
     """The run's tqdm bar (images, images/s, ETA), or nothing when off."""
 
@@ -193,9 +205,7 @@ class Evolution:
             the data's and the architecture's sizes and fingerprints; a resume must match them all.
         checkpoint_every: minutes between checkpoints in a generation (0: every epoch; each generation ends
             with one). device_fraction: keep a data set on a CUDA device up to this fraction of its memory.
-        compile: ``torch.compile`` the training step (forward and loss; the backward follows).
-        val_set: the validation split, or None: scored with the test set after every generation (``val_``
-            columns) and, every ``config.val_every`` epochs, while training (the task's ``validate``).
+        compile: ``torch.compile`` the training step. val_set: a validation split (``val_`` metrics; val_every).
 
     :meth:`run` sets ``start``, the (generation, epoch) it started from (past ``config.generations`` for a
     finished run); ``saved`` is the (generation, epoch) of the last checkpoint written (None before one).
@@ -319,30 +329,24 @@ class Evolution:
             if epoch + 1 < epochs and time.monotonic() - self._saved_at >= 60 * self.checkpoint_every:
                 self._checkpoint(g, epoch + 1, opt, sched)
         if cfg.mask_criterion != "random" and (g == 1 or cfg.resample_mask):  # before H^F_g: the mask defines it
-            # SNIP: the training batches (augmented as in training) of an epoch past the last, a seeded order
-            choose_masks_(model, cfg, lambda x, y: self._forward_loss_eager(model, x, y),
-                          self._train.epoch(cfg.batch_size, cfg.seed, g, epochs, pairs=self.task.pairs))
+            _choose_masks(self, g, epochs)
         t1 = time.perf_counter()
-        dense = self.evaluate(splits=True)
+        row = dict(generation=g, **_prefixed("dense_", self.evaluate(splits=True)))
         with fit_only(model):
-            fit = self.evaluate(splits=True)
+            row.update(_prefixed("fit_", self.evaluate(splits=True)))
         self.timings["eval"] += time.perf_counter() - t1
-        row = dict(generation=g, **{f"dense_{k}": v for k, v in dense.items()},
-                   **{f"fit_{k}": v for k, v in fit.items()}, train_loss=self._last_loss,
-                   epoch_time_s=(time.perf_counter() - t0) / max(1, epochs - start_epoch))
+        row.update(train_loss=self._last_loss, epoch_time_s=(time.perf_counter() - t0) / max(1, epochs - start_epoch))
         self.history.append(row)
         self._checkpoint(g, epochs, None, None)
         self.dir.write_results(self.history, asdict(cfg))
-        show, key = self.task.show, self.task.key
-        self.log(f"generation {g:2d}: dense N_g {show(row['dense_' + key])}   fit H^F_g {show(row['fit_' + key])} "
-                 f"({self.task.metric_name})   loss {self._last_loss:.3f}")
+        self.log(self.task.report(row))
 
     def _forward(self, x: torch.Tensor, net: nn.Module | None = None) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             return (self.model if net is None else net)(x)
 
     def _forward_loss_eager(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.task.forward_loss(lambda v: self._forward(v, net), x, y)
+        return self.task.forward_loss(functools.partial(self._forward, net=net), x, y)
 
     def _train_epoch(self, net: nn.Module, opt, sched, g: int, epoch: int) -> float:
         """One epoch; returns the mean training loss, read from the device once."""
@@ -366,13 +370,12 @@ class Evolution:
 
     @torch.no_grad()
     def evaluate(self, data: Dataset | None = None, splits: bool = False) -> dict[str, float]:
-        """The task's metrics of the model as it is (dense, or fit inside ``fit_only``) on ``data`` (default:
-        the test set, kept on the device), e.g. ``{"acc": top-1, "top5": top-5}``; see :mod:`ke_fast.tasks`.
-        ``splits``: the test set's and, prefixed ``val_``, the validation set's (when the run has one)."""
+        """The task's metrics of the model as it is (dense, or fit inside ``fit_only``) on ``data`` (default: the
+        test set), e.g. ``{"acc": top-1, "top5": top-5}``; ``splits``: the test's and the val set's (``val_``)."""
         self.model.eval()
-        if splits:
-            sets = {"": self._test, **({} if self._val is None else {"val_": self._val})}
-            return self.task.scores(self._forward, {k: b.epoch(256) for k, b in sets.items()})
+        if splits:  # the test set's and the validation set's metrics
+            sets = (("", self._test), ("val_", self._val))
+            return self.task.scores(self._forward, {k: b.epoch(256) for k, b in sets if b is not None})
         batches = self._test if data is None else Batches(data, self.device, False, channels_last=self.channels_last)
         return self.task.evaluate(self._forward, batches.epoch(256))
 

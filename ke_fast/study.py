@@ -151,8 +151,8 @@ def results_markdown(summary: Mapping[str, Any]) -> str:
     setup = ", ".join(f"{k} {v}" for k, v in (summary.get("identity") or {}).items() if v is not None)
     lines = [f"# KE {cfg['split'].upper()} {cfg['split_rate']}: {len(seeds)} seed(s) ({', '.join(map(str, seeds))})",
              "",
-             f"{g} generations x {e} epochs, lr {_per_generation(cfg['lr'])}, batch {cfg['batch_size']}, warm-up {cfg['warmup_epochs']} "
-             f"epochs, evolve mode {cfg['evolve_mode']}" + (f"; {setup}" if setup else "") + ".",
+             f"{g} generations x {e} epochs, lr {_per_generation(cfg['lr'])}, batch {cfg['batch_size']}, warm-up "
+             f"{cfg['warmup_epochs']} epochs, evolve mode {cfg['evolve_mode']}" + (f"; {setup}" if setup else "") + ".",
              f"{label[0].upper()}{label[1:]}, mean ± sample standard deviation over the seeds (ddof=1; n/a with one "
              f"seed)" + ("" if metric.get("higher_is_better", True) else f"; {name}: lower is better") + ".",
              "", "| generation | dense N_g | fit H^F_g |" + "".join(f" {m} |" for m in extra),

@@ -131,6 +131,12 @@ class Task:
                            (("val", f"val_{self.key}"), ("test", self.key)) if key in scores)
         return f"generation {generation:2d} epoch {epoch}: dense N_g {shown} ({self.metric_name})"
 
+    def report(self, row: dict[str, Any]) -> str:
+        """The log line of a generation's history row: the headline metric of N_g and H^F_g, the loss."""
+        k, show = self.key, self.show
+        return (f"generation {row['generation']:2d}: dense N_g {show(row['dense_' + k])}   fit H^F_g "
+                f"{show(row['fit_' + k])} ({self.metric_name})   loss {row['train_loss']:.3f}")
+
     @classmethod
     def show(cls, value: float) -> str:
         """A metric value in a log line."""

@@ -10,33 +10,39 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Dataset
 
-from .config import Config, ConfigError
-from .data import DIGITS_MAX_PER_CLASS, DataError, diabetes, digits, images
-from .evolve import Evolution, check_run_options
-from .launch import init_process_group, launcher, resolve_device
-from .models import build_model
-from .rundir import CHECKPOINTS, CheckpointError, CheckpointWarning, RunDir, RunExistsError, StudyDir
-from .study import BASELINES, Study, results_markdown
+from . import recipes
+from .config import REGULARIZERS, SCHEDULES, Config, ConfigError
+from .data import DIGITS_MAX_PER_CLASS
+from .evolve import check_run_options
+from .launch import init_process_group, resolve_device
+from .models import check_model, model_names, model_options
+from .rundir import CheckpointWarning, RunDir, RunExistsError, StudyDir
+from .runner import (VECTOR_DATASETS, VECTOR_MODELS, _build, _config, _data_and_model, _error,  # noqa: F401
+                     _identity, _interrupted, _resume_command, _run, _run_options, _study_seeds)
+from .study import BASELINES
 from .tasks import TASKS, Task
 from .variants import MASK_CRITERIA, layers_matching
 
-RESNETS = ("resnet18", "resnet50")  # the models --width applies to
-IMAGE_MODELS = (*RESNETS, "small_cnn", "densenet_tiny")
-VECTOR_MODELS = ("mlp",)
 BUNDLED = {t.dataset for t in TASKS.values()}  # the bundled data sets: each a task's default
-VECTOR_DATASETS = ("diabetes",)  # bundled data sets of feature vectors (the others hold images)
 _UNSET = object()
+
+
+def _per_generation(kind: type) -> Callable[[str], Any]:
+    """An argparse type: one ``kind`` value, or comma-separated values (one per generation) as a tuple."""
+    def parse(text: str) -> Any:
+        values = tuple(kind(v) for v in text.split(","))
+        return values[0] if len(values) == 1 else values
+    parse.__name__ = f"{kind.__name__} or comma-separated {kind.__name__}s"  # argparse's word for a bad value
+    return parse
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -51,9 +57,11 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """The top-level parser and its ``run`` subcommand (whose ``error`` prints the ``run`` usage line)."""
-    d = Config()
+    d, demo = Config(), recipes.RECIPES["demo"]
     p = argparse.ArgumentParser(prog="ke-fast", description="Knowledge Evolution with ke_fast")
     sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("make-data", add_help=False, help="write a generated data set in an official layout: make-data "
+                   "{flower102,aircraft,imagefolder} DIR [--classes C --per-class N --seed S] (ke_fast.synth)")
     r = sub.add_parser("run", help="run KE (default: sklearn digits, 20 images per class, small ResNet-18)",
                        description="Run KE. OUT must not hold another run: continue it with --resume (which "
                                    "checks that settings, data and model match) or replace it with --overwrite.",
@@ -69,20 +77,41 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     r.add_argument("--image-size", type=int, default=None,
                    help="image folders only: training crops and test images are this size, square; below 64 "
                         "the ResNets take the small-input stem (default: 224)")
-    r.add_argument("--model", default=None, choices=[*IMAGE_MODELS, *VECTOR_MODELS],
-                   help="the network: mlp takes feature vectors (--dataset diabetes), the others images "
-                        "(default: resnet18 for images, mlp for feature vectors)")
+    r.add_argument("--model", default=None,
+                   help=f"the network: one of {', '.join(model_names())}, or MODULE:FUNCTION for one of your own "
+                        f"(called with num_classes and in_channels); mlp takes feature vectors (--dataset diabetes), "
+                        f"the others images (default: resnet18 for images, mlp for feature vectors)")
     r.add_argument("--width", type=int, default=None,
-                   help="resnet18 / resnet50 only: base width (64 = the standard ResNet; default: 16)")
+                   help="models with a width option only (the ResNets, vgg11_bn): base width (default: the "
+                        "architecture's standard, 64, with --recipe official; 16 with --recipe demo)")
+    r.add_argument("--recipe", choices=recipes.RECIPE_NAMES, default=None,
+                   help="the defaults of the training settings: official = the KE paper's code (full-width "
+                        "network, 224 px, batch 32, lr 0.256, 5 warm-up epochs then cosine stepped per epoch, 200 "
+                        "epochs x 5 generations, validation every 10 epochs; ke_fast/recipes.py cites them), demo = "
+                        "seconds on the digits; every flag overrides (default: official on image folders, else demo)")
+    r.add_argument("--regularizer", choices=REGULARIZERS, default=d.regularizer,
+                   help="smooth: label smoothing alone; cskd: plus class-wise self-knowledge distillation (Yun et "
+                        "al., CVPR 2020): batches of same-class pairs, 3 x KL at temperature 4 (--task classify)")
     r.add_argument("--split", choices=["kels", "wels"], default=d.split,
                    help="kels: whole kernels (channels) are fit or reset; wels: single weights, drawn at random")
     r.add_argument("--split-rate", type=float, default=d.split_rate,
                    help="fraction of the weights that is fit, (0, 1]")
-    r.add_argument("--generations", type=int, default=d.generations, help="number of generations")
-    r.add_argument("--epochs", type=int, default=d.epochs, help="epochs per generation")
-    r.add_argument("--batch-size", type=int, default=d.batch_size, help="batch size (per process under torchrun)")
-    r.add_argument("--lr", type=float, default=d.lr, help="peak learning rate of SGD (cosine schedule, warm-up)")
-    r.add_argument("--weight-decay", type=float, default=d.weight_decay, help="SGD weight decay, >= 0")
+    recipe = "(default: the recipe's: official {official}, demo {demo})"
+    for flag, kind, text in (("generations", int, "number of generations"),
+                             ("epochs", _per_generation(int), "epochs per generation, or one value per generation "
+                                                              "(200,100,50,50,50)"),
+                             ("batch-size", int, "batch size (per process under torchrun)"),
+                             ("lr", _per_generation(float), "peak learning rate of SGD, or one per generation"),
+                             ("momentum", float, "SGD momentum, >= 0"),
+                             ("weight-decay", float, "SGD weight decay, >= 0 (official: 5e-4 for VGG)"),
+                             ("label-smoothing", float, "label smoothing of the cross-entropy, in [0, 1]"),
+                             ("warmup-epochs", int, "linear warm-up epochs before the cosine decay"),
+                             ("schedule", str, f"the lr changes every step or once per epoch, one of {SCHEDULES}"),
+                             ("val-every", int, "epochs between evaluations on the validation split while "
+                                                "training (0: only after each generation)")):
+        key = flag.replace("-", "_")
+        r.add_argument(f"--{flag}", type=kind, default=None,
+                       help=f"{text} " + recipe.format(official=recipes.RECIPES["official"][key], demo=demo[key]))
     # several seeds and the compute-matched baseline (ke_fast.study)
     seeding = r.add_mutually_exclusive_group()
     seeding.add_argument("--seed", type=int, default=None,
@@ -158,7 +187,8 @@ def _check(r: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for flag, value, applies, scope, given in (
             ("--per-class", args.per_class, digits_data, "--dataset digits", f"--dataset {args.dataset}"),
             ("--image-size", args.image_size, folder, "image folders", f"--dataset {args.dataset}"),
-            ("--width", args.width, args.model in RESNETS, "--model resnet18 / resnet50", f"--model {args.model}")):
+            ("--width", args.width, "width" in model_options(args.model), "models with a width option",
+             f"--model {args.model}")):
         if value is not None and not applies:
             r.error(f"{flag} applies to {scope} only, not to {given}")
     if task.own_split and args.per_class is not None:
@@ -171,10 +201,13 @@ def _check(r: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         args.embedding_dim = task.embedding_default
     if digits_data and args.per_class is None and not task.own_split:
         args.per_class = 20
-    if folder and args.image_size is None:
-        args.image_size = 224
-    if args.model in RESNETS and args.width is None:
-        args.width = 16
+    if args.recipe is None:
+        args.recipe = recipes.default_recipe(folder)
+    names = (*recipes.RECIPES[args.recipe], "regularizer")
+    for name, value in recipes.resolve(args.recipe, args.model, {n: getattr(args, n, None) for n in names}).items():
+        setattr(args, name, value)
+    if not folder:
+        args.image_size = None
     for name in ("per_class", "image_size", "width", "embedding_dim"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             r.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -218,20 +251,13 @@ def _check_data_and_model(r: argparse.ArgumentParser, args: argparse.Namespace, 
     vectors = args.dataset in VECTOR_DATASETS
     if args.model is None:
         args.model = VECTOR_MODELS[0] if vectors else "resnet18"
-    elif (args.model in VECTOR_MODELS) != vectors:
+    try:  # the one check of --model: a registry name or an importable MODULE:FUNCTION
+        check_model(args.model)
+    except ValueError as exc:
+        r.error(f"--model: {exc}")
+    if (args.model in VECTOR_MODELS) != vectors:
         r.error(f"--model {args.model} takes {'feature vectors' if args.model in VECTOR_MODELS else 'images'}, "
                 f"but --dataset {args.dataset} holds {'feature vectors' if vectors else 'images'}")
-
-
-def _build(args: argparse.Namespace, outputs: int, inputs: int, small: bool = True) -> torch.nn.Module:
-    """The network of --model with ``outputs`` outputs (the task's: classes, --embedding-dim, targets) and
-    ``inputs`` input channels (features for an MLP)."""
-    if args.model in RESNETS:
-        return build_model(args.model, num_classes=outputs, in_channels=inputs, stem="small" if small else "imagenet",
-                           width=args.width)
-    if args.model in VECTOR_MODELS:
-        return build_model(args.model, in_features=inputs, num_classes=outputs)
-    return build_model(args.model, num_classes=outputs, in_channels=inputs)
 
 
 def _check_out(r: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -256,18 +282,15 @@ def _check_out(r: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         r.error(exc.render(_flags(args)))
 
 
-def _study_seeds(args: argparse.Namespace) -> list[int] | None:
-    """The seeds of a study (--seeds, or --seed with --baseline), None for a single run."""
-    if args.seeds is None and args.baseline is None:
-        return None
-    return args.seeds or [args.seed]
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code: 0, 2 for an error (argument errors exit with 2 through
     argparse, before any work), 130 when interrupted (Ctrl-C)."""
     p, r = _parser()
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["make-data"]:
+        from . import synth
+
+        return synth.main(argv[1:])
     args = p.parse_args(argv)
     given = _given(argv, vars(args))
     _check(r, args)
@@ -306,139 +329,3 @@ def _given(argv: list[str], dests: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in vars(p.parse_args(argv)).items() if v is not _UNSET and k != "command"}
 
 
-def _error(message: str) -> int:
-    """Print one error line (not a usage error: no usage line) and return exit code 2."""
-    print(f"ke-fast run: error: {message}", file=sys.stderr)
-    return 2
-
-
-def _resume_command(args: argparse.Namespace) -> str:
-    """The command line that continues this run: the options the user gave, --out and --resume."""
-    words = [*launcher(), "run"]
-    for dest, value in getattr(args, "given", {}).items():  # every option's dest is its flag with "_" for "-"
-        if dest in ("out", "resume", "overwrite"):
-            continue
-        words += [f"--{dest.replace('_', '-')}"] + ([] if value is True else list(map(str, value))
-                                                    if isinstance(value, list) else [str(value)])
-    command = shlex.join([*words, "--out", args.out, "--resume"])
-    nodes = "--nnodes=" in command
-    return command + (" (on every node, with the rendezvous options it was started with)" if nodes else "")
-
-
-def _config(args: argparse.Namespace, seed: int) -> Config:
-    """The run's Config from the arguments (it checks them: ConfigError)."""
-    return Config(split=args.split, split_rate=args.split_rate, generations=args.generations, epochs=args.epochs,
-                  batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=seed,
-                  evolve_mode=args.evolve_mode, reset_bn=args.reset_bn, resample_mask=args.resample_mask,
-                  task=args.task, reset_from=args.reset_from, mask_criterion=args.mask_criterion,
-                  amp=False if args.no_amp else None)
-
-
-def _identity(args: argparse.Namespace) -> dict:
-    """The flags that choose data and model: a resume with other ones is refused (with the data's and the
-    architecture's fingerprints, which Evolution adds)."""
-    return {"--dataset": args.dataset, "--model": args.model, "--per-class": args.per_class,
-            "--image-size": args.image_size, "--width": args.width, "--embedding-dim": args.embedding_dim}
-
-
-def _run_options(args: argparse.Namespace) -> dict:
-    """The Evolution keywords of the run options that are not part of the Config (how, not what, it trains)."""
-    return dict(checkpoint_every=args.checkpoint_every, device_fraction=args.data_on_device, compile=args.compile)
-
-
-def _data_and_model(args: argparse.Namespace, seed: int) -> tuple[torch.nn.Module, Dataset, Dataset]:
-    """The unsplit model and (train, test) of one seed (the digits and diabetes splits depend on it), as the
-    task wants them; raises DataError."""
-    task, small = TASKS[args.task], True
-    if args.dataset == "digits":  # a task with a split of its own pools every image: any per_class gives them all
-        train, test, classes, channels = digits(args.per_class or 1, seed=seed)
-    elif args.dataset == "diabetes":
-        train, test, classes, channels = diabetes(seed)
-    else:
-        train, test, classes, channels = images(args.dataset, args.image_size)
-        small = args.image_size < 64
-    try:
-        train, test = task.prepare(train, test)
-    except ValueError as exc:
-        raise DataError(f"--task {args.task} on {args.dataset}: {exc}") from None
-    torch.manual_seed(seed)
-    return _build(args, task.outputs(classes, args.embedding_dim), channels, small), train, test
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _run(args: argparse.Namespace, device: str) -> int:
-    """Load the data, build the model and run KE on ``device``; returns the exit code."""
-    if _study_seeds(args) is not None:
-        return _run_study(args, device)
-    task, ev = TASKS[args.task], None
-    try:
-        try:
-            model, train, test = _data_and_model(args, args.seed)
-        except DataError as exc:
-            return _error(str(exc))
-        cfg = _config(args, args.seed)
-        ev = Evolution(model, train, test, cfg, args.out, device=device,
-                       progress=False if args.no_progress else None, identity=_identity(args), **_run_options(args))
-        if _rank() == 0:
-            unit = "samples" if args.dataset in VECTOR_DATASETS else "images"
-            print(f"KE {cfg.split.upper()} {cfg.split_rate} | {args.model} | {args.dataset}: {len(train)} train / "
-                  f"{len(test)} test {unit}{task.describe(train, test)} | {cfg.generations} generations x "
-                  f"{cfg.epochs} epochs | {ev.device}")
-        try:
-            history = ev.run(resume=args.resume, overwrite=args.overwrite)
-        except (CheckpointError, DataError) as exc:
-            return _error(str(exc))
-    except KeyboardInterrupt:
-        if _rank() == 0:
-            _interrupted(args, ev)
-        return 130
-    if _rank() == 0:
-        print("\n" + task.table(history))
-        if ev.start[0] > cfg.generations:
-            print(f"\nthe run in {args.out} is finished: nothing trained, no file changed")
-        else:
-            print(f"\nwrote {Path(args.out) / 'history.csv'}, summary.json, plot.png and the checkpoint last.pt")
-    return 0
-
-
-def _run_study(args: argparse.Namespace, device: str) -> int:
-    """Run KE once per seed (and the baseline) into OUT/seed-<n>/, then the table over the seeds."""
-    seeds = _study_seeds(args)
-    study = Study(lambda seed: _data_and_model(args, seed), _config(args, seeds[0]), seeds, args.out,
-                  baseline=args.baseline, device=device, progress=False if args.no_progress else None,
-                  identity=_identity(args), **_run_options(args))
-    try:
-        if _rank() == 0:
-            print(f"KE {args.split.upper()} {args.split_rate} | {args.model} | {args.dataset} | {args.generations} "
-                  f"generations x {args.epochs} epochs | seeds {' '.join(map(str, seeds))}"
-                  + (f" | {args.baseline} baseline" if args.baseline else "") + f" | {device}")
-        try:
-            summary = study.run(resume=args.resume, overwrite=args.overwrite)
-        except (CheckpointError, DataError) as exc:
-            return _error(str(exc))
-    except KeyboardInterrupt:
-        if _rank() == 0:
-            _interrupted(args, study.current)
-        return 130
-    if _rank() == 0:
-        print("\n" + results_markdown(summary))
-        print(f"wrote {Path(args.out) / 'summary.json'}, results.md, plot.png and seed-<n>/ run folders")
-    return 0
-
-
-def _interrupted(args: argparse.Namespace, ev: Evolution | None) -> None:
-    """After Ctrl-C: one line saying where the last checkpoint is and the command that continues from it."""
-    out = Path(args.out) if ev is None else ev.out  # a study: the folder of the run that was interrupted
-    ckpt = next((out / name for name in CHECKPOINTS if (out / name).exists()), None)
-    if ckpt is None and not StudyDir(args.out).files():
-        print("ke-fast run: interrupted before the first checkpoint; nothing to resume", file=sys.stderr)
-        return
-    if ckpt is None:  # a study whose earlier runs are finished
-        where = f"{out} had no checkpoint yet"
-    else:
-        when = f" (generation {ev.saved[0]}, epoch {ev.saved[1]})" if ev is not None and ev.saved else ""
-        where = f"the last checkpoint is {ckpt}{when}"
-    print(f"ke-fast run: interrupted; {where}; continue with: {_resume_command(args)}", file=sys.stderr)

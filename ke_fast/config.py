@@ -12,10 +12,13 @@ from dataclasses import dataclass
 from typing import Any, Mapping, NamedTuple
 
 from . import kernels as K
+from .recipes import RECIPE_NAMES
 from .variants import MASK_CRITERIA
 
 EVOLVE_MODES = ("rand", "zero", "rewind")
 SPLITS = ("kels", "wels")
+SCHEDULES = ("step", "epoch")  # the warm-up + cosine learning rate: changed every step, or once per epoch
+REGULARIZERS = ("smooth", "cskd")  # label smoothing alone; plus CS-KD (Yun et al., CVPR 2020)
 _NO_VALUE = object()
 
 
@@ -74,9 +77,9 @@ class Config:
     split: str = "kels"
     split_rate: float = 0.5
     generations: int = 8
-    epochs: int = 30
+    epochs: int | tuple[int, ...] = 30  # per generation: one value, or one per generation
     batch_size: int = 32
-    lr: float = 0.05
+    lr: float | tuple[float, ...] = 0.05  # peak learning rate: one value, or one per generation
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_epochs: int = 5
@@ -92,6 +95,23 @@ class Config:
     mask_criterion: str = "random"  # WELS fit mask: random, or the top-k by "magnitude" / "snip" (ke_fast.variants)
     amp: bool | None = None  # bf16 autocast: None = on for CUDA only, True = on any device, False = off
     channels_last: bool | None = None  # None = on for CUDA
+    schedule: str = "step"  # "epoch": the lr changes once per epoch, as the official KE code (ke_fast.recipes)
+    regularizer: str = "smooth"  # "cskd": plus class-wise self-knowledge distillation on same-class pairs
+    val_every: int = 0  # epochs between evaluations on the validation split while training (0: never)
+    recipe: str | None = None  # the recipe (ke_fast.recipes) the defaults came from, recorded with the run
+
+    def epochs_in(self, generation: int) -> int:
+        """The epochs of ``generation`` (1-based)."""
+        return self.epochs if isinstance(self.epochs, int) else self.epochs[generation - 1]
+
+    def lr_in(self, generation: int) -> float:
+        """The peak learning rate of ``generation`` (1-based)."""
+        return self.lr[generation - 1] if isinstance(self.lr, (tuple, list)) else self.lr
+
+    @property
+    def total_epochs(self) -> int:
+        """The epochs of every generation together (what the compute-matched baseline trains)."""
+        return sum(self.epochs_in(g) for g in range(1, self.generations + 1))
 
     def __post_init__(self) -> None:
         self.validate()
@@ -109,11 +129,21 @@ class Config:
             K.check_split_rate(self.split_rate)
         except (TypeError, ValueError):
             fail("split_rate", Opt("split_rate"), f" must be a number in (0, 1], got {self.split_rate!r}")
-        for name in ("generations", "epochs", "batch_size"):
+        for name in ("generations", "batch_size"):
             if not _int(getattr(self, name)) or getattr(self, name) < 1:
                 fail(name, Opt(name), f" must be a positive int, got {getattr(self, name)!r}")
-        if not (_real(self.lr) and self.lr > 0):
-            fail("lr", Opt("lr"), f" must be a finite number > 0, got {self.lr!r}")
+        for name, ok, what in (("epochs", lambda v: _int(v) and v >= 1, "a positive int"),
+                               ("lr", lambda v: _real(v) and v > 0, "a finite number > 0")):
+            value = getattr(self, name)
+            if isinstance(value, list):  # JSON / a caller's list: kept as a tuple (hashable, compared equal)
+                value = tuple(value)
+                setattr(self, name, value)
+            values = value if isinstance(value, tuple) else (value,)
+            if not values or not all(ok(v) for v in values):
+                fail(name, Opt(name), f" must be {what}, or one per generation, got {value!r}")
+            if isinstance(value, tuple) and len(value) != self.generations:
+                fail(name, Opt(name), f" must hold one value per generation ({self.generations}), got {len(value)}: "
+                                      f"{','.join(map(str, value))}")
         for name in ("momentum", "weight_decay"):
             if not (_real(getattr(self, name)) and getattr(self, name) >= 0):
                 fail(name, Opt(name), f" must be a finite number >= 0, got {getattr(self, name)!r}")
@@ -145,6 +175,16 @@ class Config:
         if self.resample_mask and self.split != "wels":
             fail("resample_mask", Opt("resample_mask"), " applies to ", Opt("split", "wels"),
                  " only (KELS masks follow the channels and never change)")
+        for name, choices in (("schedule", SCHEDULES), ("regularizer", REGULARIZERS)):
+            if getattr(self, name) not in choices:
+                fail(name, Opt(name), f" must be one of {choices}, got {getattr(self, name)!r}")
+        if self.regularizer == "cskd" and self.task != "classify":
+            fail("regularizer", Opt("regularizer", "cskd"), " applies to ", Opt("task", "classify"), " only")
+        if not _int(self.val_every) or self.val_every < 0:
+            fail("val_every", Opt("val_every"), f" must be an int >= 0 (0: never while training), got "
+                                                f"{self.val_every!r}")
+        if self.recipe is not None and self.recipe not in RECIPE_NAMES:
+            fail("recipe", Opt("recipe"), f" must be None or one of {RECIPE_NAMES}, got {self.recipe!r}")
         for name in ("amp", "channels_last"):
             if getattr(self, name) not in (None, True, False):
                 fail(name, Opt(name), f" must be None (automatic), True or False, got {getattr(self, name)!r}")

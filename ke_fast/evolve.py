@@ -44,11 +44,16 @@ __all__ = ["Evolution", "reset_generation_", "choose_masks_", "check_run_options
            "RUN_FILES"]
 
 
-def _lr_lambda(cfg: Config, steps_per_epoch: int) -> Callable[[int], float]:
-    warm = cfg.warmup_epochs * steps_per_epoch
-    total = cfg.epochs * steps_per_epoch
+def _lr_lambda(cfg: Config, steps_per_epoch: int, generation: int = 1) -> Callable[[int], float]:
+    """The factor of the peak lr at each step of ``generation``: linear warm-up then cosine, over steps
+    (``schedule="step"``) or constant within an epoch (``"epoch"``: the official code's cosine_lr, called once
+    per epoch with the epoch's index, utils/schedulers.py L39-46 and KE_model.py L96)."""
+    per = steps_per_epoch if cfg.schedule == "step" else 1
+    warm, total = cfg.warmup_epochs * per, cfg.epochs_in(generation) * per
 
     def f(step: int) -> float:
+        if per == 1:  # the scheduler still steps every batch: the epoch is the step's epoch
+            step //= max(1, steps_per_epoch)
         if step < warm:
             return (step + 1) / warm
         return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
@@ -62,11 +67,12 @@ def _fused_sgd_supported(device: torch.device) -> bool:
 
 
 def _optimizer(params: list[nn.Parameter], cfg: Config, steps_per_epoch: int, device: torch.device,
-               opt_state: dict | None = None, sched_state: dict | None = None) -> tuple[torch.optim.SGD, Any]:
+               opt_state: dict | None = None, sched_state: dict | None = None,
+               generation: int = 1) -> tuple[torch.optim.SGD, Any]:
     """A generation's fresh SGD and its warm-up + cosine schedule (or the states a checkpoint saved)."""
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+    opt = torch.optim.SGD(params, lr=cfg.lr_in(generation), momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                           fused=_fused_sgd_supported(device))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps_per_epoch))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps_per_epoch, generation))
     if opt_state is not None:
         opt.load_state_dict(opt_state)
         sched.load_state_dict(sched_state)
@@ -144,9 +150,21 @@ def _start_of(ckpt: dict, cfg: Config) -> tuple[int, int, dict | None, dict | No
     """Where a resume from ``ckpt`` starts: (generation, epoch, optimizer state, scheduler state); trained
     and evaluated: the next generation; trained only: just its evaluation."""
     g, epoch, opt_state, sched_state = ckpt["generation"], ckpt["epoch"], ckpt.get("optimizer"), ckpt.get("scheduler")
-    if epoch >= cfg.epochs and len(ckpt["history"]) >= g:
+    if epoch >= cfg.epochs_in(g) and len(ckpt["history"]) >= g:
         return g + 1, 0, None, None
     return g, epoch, opt_state, sched_state
+
+
+def _choose_masks(ev: "Evolution", g: int, epochs: int) -> None:
+    """The fit masks by ``mask_criterion`` at the end of generation ``g`` (``epochs`` long); SNIP scores the
+    training batches (augmented as in training) of an epoch past the last, a seeded order."""
+    choose_masks_(ev.model, ev.cfg, lambda x, y: ev._forward_loss_eager(ev.model, x, y),
+                  ev._train.epoch(ev.cfg.batch_size, ev.cfg.seed, g, epochs, pairs=ev.task.pairs))
+
+
+def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
+    """The metrics of N_g (``dense_``) or H^F_g (``fit_``) as the history row names them."""
+    return {prefix + k: v for k, v in metrics.items()}
 
 
 class _Progress:
@@ -193,7 +211,7 @@ class Evolution:
             the data's and the architecture's sizes and fingerprints; a resume must match them all.
         checkpoint_every: minutes between checkpoints in a generation (0: every epoch; each generation ends
             with one). device_fraction: keep a data set on a CUDA device up to this fraction of its memory.
-        compile: ``torch.compile`` the training step (forward and loss; the backward follows).
+        compile: ``torch.compile`` the training step. val_set: a validation split (``val_`` metrics; val_every).
 
     :meth:`run` sets ``start``, the (generation, epoch) it started from (past ``config.generations`` for a
     finished run); ``saved`` is the (generation, epoch) of the last checkpoint written (None before one).
@@ -202,7 +220,8 @@ class Evolution:
     def __init__(self, model: nn.Module, train_set: Dataset, test_set: Dataset, config: Config,
                  out_dir: str | Path, device: str | torch.device | None = None, progress: bool | None = None,
                  log: Callable[[str], None] = print, identity: dict[str, Any] | None = None,
-                 checkpoint_every: float = 10.0, device_fraction: float = 0.5, compile: bool = False) -> None:
+                 checkpoint_every: float = 10.0, device_fraction: float = 0.5, compile: bool = False,
+                 val_set: Dataset | None = None) -> None:
         self.cfg = config.validate()
         check_run_options(checkpoint_every, device_fraction)
         _check_data(train_set, test_set)
@@ -222,6 +241,8 @@ class Evolution:
         self.identity = dict(identity or {}, **run_identity(train_set, test_set, self.model))
         self._train = Batches(train_set, self.device, True, device_fraction, self.rank, self.world, self.channels_last)
         self._test = Batches(test_set, self.device, False, device_fraction, channels_last=self.channels_last)
+        self._val = None if val_set is None else \
+            Batches(val_set, self.device, False, device_fraction, channels_last=self.channels_last)
         self._forward_loss = torch.compile(self._forward_loss_eager) if compile else self._forward_loss_eager
         example = functools.cache(lambda: next(self._test.epoch(1))[0])  # one input, as the model sees it
         # layer-threshold forgetting: {layer: "keep" | "reset"}, fixed for the run (forward order)
@@ -281,7 +302,7 @@ class Evolution:
                 return self.history
             self.log(f"resumed from {path}: generation {start_gen}, epoch {start_epoch}")
         self.start, self._saved_at = (start_gen, start_epoch), time.monotonic()
-        epochs = (self.cfg.generations - start_gen + 1) * self.cfg.epochs - start_epoch
+        epochs = sum(map(self.cfg.epochs_in, range(start_gen, self.cfg.generations + 1))) - start_epoch
         self._bar = _Progress(self.progress and self.rank == 0, epochs * len(self._train) // self.world)
         for g in range(start_gen, self.cfg.generations + 1):
             if start_epoch == 0 and g > 1:
@@ -303,39 +324,35 @@ class Evolution:
         cfg, model = self.cfg, self.model
         net = nn.parallel.DistributedDataParallel(model) if self.world > 1 else model
         opt, sched = _optimizer([*model.parameters(), *self.task.parameters()], cfg, self._train.steps(cfg.batch_size),
-                                self.device, opt_state, sched_state)
-        t0 = time.perf_counter()
-        for epoch in range(start_epoch, cfg.epochs):
+                                self.device, opt_state, sched_state, g)
+        t0, epochs = time.perf_counter(), cfg.epochs_in(g)
+        for epoch in range(start_epoch, epochs):
             t1 = time.perf_counter()
             self._last_loss = self._train_epoch(net, opt, sched, g, epoch)  # reads the device: synchronised
             self.timings["train"] += time.perf_counter() - t1
-            if epoch + 1 < cfg.epochs and time.monotonic() - self._saved_at >= 60 * self.checkpoint_every:
+            if self._val is not None and cfg.val_every and (epoch + 1) % cfg.val_every == 0:  # the official
+                self.log(self.task.validate(self.evaluate(splits=True), g, epoch + 1))  # test_interval
+            if epoch + 1 < epochs and time.monotonic() - self._saved_at >= 60 * self.checkpoint_every:
                 self._checkpoint(g, epoch + 1, opt, sched)
         if cfg.mask_criterion != "random" and (g == 1 or cfg.resample_mask):  # before H^F_g: the mask defines it
-            # SNIP: the training batches (augmented as in training) of an epoch past the last, a seeded order
-            choose_masks_(model, cfg, lambda x, y: self._forward_loss_eager(model, x, y),
-                          self._train.epoch(cfg.batch_size, cfg.seed, g, cfg.epochs))
+            _choose_masks(self, g, epochs)
         t1 = time.perf_counter()
-        dense = self.evaluate()
+        row = dict(generation=g, **_prefixed("dense_", self.evaluate(splits=True)))
         with fit_only(model):
-            fit = self.evaluate()
+            row.update(_prefixed("fit_", self.evaluate(splits=True)))
         self.timings["eval"] += time.perf_counter() - t1
-        row = dict(generation=g, **{f"dense_{k}": v for k, v in dense.items()},
-                   **{f"fit_{k}": v for k, v in fit.items()}, train_loss=self._last_loss,
-                   epoch_time_s=(time.perf_counter() - t0) / max(1, cfg.epochs - start_epoch))
+        row.update(train_loss=self._last_loss, epoch_time_s=(time.perf_counter() - t0) / max(1, epochs - start_epoch))
         self.history.append(row)
-        self._checkpoint(g, cfg.epochs, None, None)
+        self._checkpoint(g, epochs, None, None)
         self.dir.write_results(self.history, asdict(cfg))
-        show, key = self.task.show, self.task.key
-        self.log(f"generation {g:2d}: dense N_g {show(row['dense_' + key])}   fit H^F_g {show(row['fit_' + key])} "
-                 f"({self.task.metric_name})   loss {self._last_loss:.3f}")
+        self.log(self.task.report(row))
 
     def _forward(self, x: torch.Tensor, net: nn.Module | None = None) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             return (self.model if net is None else net)(x)
 
     def _forward_loss_eager(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.task.loss(self._forward(x, net), y)
+        return self.task.forward_loss(functools.partial(self._forward, net=net), x, y)
 
     def _train_epoch(self, net: nn.Module, opt, sched, g: int, epoch: int) -> float:
         """One epoch; returns the mean training loss, read from the device once."""
@@ -343,8 +360,8 @@ class Evolution:
         torch.manual_seed(draw_seed(self.cfg.seed, g, epoch))
         net.train()
         total, count = torch.zeros((), device=self.device), 0
-        self._bar.epoch(f"KE gen {g}/{self.cfg.generations} epoch {epoch + 1}/{self.cfg.epochs}")
-        for x, y in self._train.epoch(self.cfg.batch_size, self.cfg.seed, g, epoch):
+        self._bar.epoch(f"KE gen {g}/{self.cfg.generations} epoch {epoch + 1}/{self.cfg.epochs_in(g)}")
+        for x, y in self._train.epoch(self.cfg.batch_size, self.cfg.seed, g, epoch, pairs=self.task.pairs):
             loss = self._forward_loss(net, x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -358,10 +375,13 @@ class Evolution:
         return mean
 
     @torch.no_grad()
-    def evaluate(self, data: Dataset | None = None) -> dict[str, float]:
-        """The task's metrics of the model as it is (dense, or fit inside ``fit_only``) on ``data`` (default:
-        the test set, kept on the device), e.g. ``{"acc": top-1}``; see :mod:`ke_fast.tasks`."""
+    def evaluate(self, data: Dataset | None = None, splits: bool = False) -> dict[str, float]:
+        """The task's metrics of the model as it is (dense, or fit inside ``fit_only``) on ``data`` (default: the
+        test set), e.g. ``{"acc": top-1, "top5": top-5}``; ``splits``: the test's and the val set's (``val_``)."""
         self.model.eval()
+        if splits:  # the test set's and the validation set's metrics
+            sets = (("", self._test), ("val_", self._val))
+            return self.task.scores(self._forward, {k: b.epoch(256) for k, b in sets if b is not None})
         batches = self._test if data is None else Batches(data, self.device, False, channels_last=self.channels_last)
         return self.task.evaluate(self._forward, batches.epoch(256))
 

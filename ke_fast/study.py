@@ -46,12 +46,13 @@ def baseline_dir(out: str | Path, seed: int) -> Path:
 
 
 def baseline_config(config: Config) -> Config:
-    """The compute-matched ("long") baseline of a KE config: one generation of ``generations x epochs``
-    epochs, so one warm-up and one cosine schedule over the whole budget, with split rate 1.0: every weight
+    """The compute-matched ("long") baseline of a KE config: one generation of every generation's epochs
+    together (``generations x epochs``, or the sum of per-generation epochs), so one warm-up and one cosine
+    schedule over the whole budget at the first generation's peak lr, with split rate 1.0: every weight
     is fit, so the masks select everything, fit == dense, and as there is no second generation nothing is
     ever reset. Everything else (lr, warm-up, batch size, seed, initial weights, data order) is unchanged;
     the layers train through their own forward (dense mode), so this is plain dense training."""
-    return replace(config.validate(), split_rate=1.0, generations=1, epochs=config.generations * config.epochs,
+    return replace(config.validate(), split_rate=1.0, generations=1, epochs=config.total_epochs, lr=config.lr_in(1),
                    mask_criterion="random", resample_mask=False, reset_from=None)
 
 
@@ -97,13 +98,16 @@ def aggregate(histories: Mapping[int, list[dict]], baselines: Mapping[int, dict]
     gens = {s: [r["generation"] for r in h] for s, h in histories.items()}
     if any(g != gens[seeds[0]] or not g for g in gens.values()):
         raise ValueError(f"every seed needs the same, non-empty generations, got {gens}")
+    first = histories[seeds[0]][0]  # and every other metric of N_g / H^F_g all seeds have (top-5, val_ ...)
+    metrics += tuple(k for k in first if k.startswith(("dense_", "fit_")) and k not in metrics
+                     and all(k in r for h in histories.values() for r in h))
     rows = [dict(generation=g, **{m: _stat([histories[s][i][m] for s in seeds]) for m in metrics})
             for i, g in enumerate(gens[seeds[0]])]
     base = None
     if baselines is not None:
         if list(baselines) != seeds:
             raise ValueError(f"baselines must hold the seeds of histories {seeds}, got {list(baselines)}")
-        base = {m: _stat([baselines[s][m] for s in seeds]) for m in metrics}
+        base = {m: _stat([baselines[s][m] for s in seeds]) for m in metrics if all(m in b for b in baselines.values())}
     return dict(seeds=seeds, std=STD, metric=headline, generations=rows,
                 final={m: rows[-1][m] for m in metrics}, baseline=base)
 
@@ -117,28 +121,47 @@ def _pct(stat: dict, percent: bool = True) -> str:
     return f"{_show(stat['mean'], percent)} ± {std}"
 
 
+def _per_generation(value: Any) -> str:
+    """A setting of a summary's config: one value, or one per generation joined by commas."""
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def _epochs(cfg: Mapping[str, Any]) -> str:
+    return _per_generation(cfg["epochs"])
+
+
+def _total(cfg: Mapping[str, Any]) -> int:
+    """The epochs of all generations of a summary's config (the long baseline's)."""
+    e = cfg["epochs"]
+    return sum(e) if isinstance(e, (list, tuple)) else cfg["generations"] * e
+
+
 def results_markdown(summary: Mapping[str, Any]) -> str:
     """results.md: the per-generation table (mean ± std over the seeds, the baseline below KE's last
     generation) and the last generation and the baseline of every seed."""
     cfg, seeds, base, metric = summary["config"], summary["seeds"], summary["baseline"], summary["metric"]
     dense, fit, name = metric["dense"], metric["fit"], metric["name"]
+    extra = [m for m in summary["generations"][0] if m not in ("generation", dense, fit)]  # top-5, val_ ...
     percent, label = metric.get("percent", True), metric.get("label", f"test {name} (%)")  # older summaries
 
     def pct(stat: dict) -> str:
         return _pct(stat, percent)
 
-    g, e = cfg["generations"], cfg["epochs"]
+    g, e = cfg["generations"], _epochs(cfg)
     setup = ", ".join(f"{k} {v}" for k, v in (summary.get("identity") or {}).items() if v is not None)
     lines = [f"# KE {cfg['split'].upper()} {cfg['split_rate']}: {len(seeds)} seed(s) ({', '.join(map(str, seeds))})",
              "",
-             f"{g} generations x {e} epochs, lr {cfg['lr']}, batch {cfg['batch_size']}, warm-up {cfg['warmup_epochs']} "
-             f"epochs, evolve mode {cfg['evolve_mode']}" + (f"; {setup}" if setup else "") + ".",
+             f"{g} generations x {e} epochs, lr {_per_generation(cfg['lr'])}, batch {cfg['batch_size']}, warm-up "
+             f"{cfg['warmup_epochs']} epochs, evolve mode {cfg['evolve_mode']}" + (f"; {setup}" if setup else "") + ".",
              f"{label[0].upper()}{label[1:]}, mean ± sample standard deviation over the seeds (ddof=1; n/a with one "
              f"seed)" + ("" if metric.get("higher_is_better", True) else f"; {name}: lower is better") + ".",
-             "", "| generation | dense N_g | fit H^F_g |", "|---:|---:|---:|"]
-    lines += [f"| {r['generation']} | {pct(r[dense])} | {pct(r[fit])} |" for r in summary["generations"]]
+             "", "| generation | dense N_g | fit H^F_g |" + "".join(f" {m} |" for m in extra),
+             "|---:|---:|---:|" + "---:|" * len(extra)]
+    lines += [f"| {r['generation']} | {pct(r[dense])} | {pct(r[fit])} |" + "".join(f" {pct(r[m])} |" for m in extra)
+              for r in summary["generations"]]
     if base is not None:
-        lines.append(f"| long dense baseline, {g * e} epochs | {pct(base[dense])} | (no split) |")
+        lines.append(f"| long dense baseline, {_total(cfg)} epochs | {pct(base[dense])} | (no split) |"
+                     + "".join(f" {pct(base[m])} |" if m.startswith("dense_") and m in base else " |" for m in extra))
     last = summary["generations"][-1]["generation"]
     lines += ["", f"Per seed (generation {last}" + (", and the baseline" if base else "") + "):", "",
               f"| seed | dense N_{last} | fit H^F_{last} |" + (" long baseline |" if base else ""),
@@ -175,7 +198,7 @@ def plot(summary: Mapping[str, Any], path: str | Path) -> None:
         std = base[dense]["std"]
         ax.errorbar([gens[-1]], [scale * base[dense]["mean"]], yerr=None if std is None else [scale * std],
                     fmt="D", color="black", capsize=4,
-                    label=f"long dense baseline ({cfg['generations'] * cfg['epochs']} epochs)")
+                    label=f"long dense baseline ({_total(cfg)} epochs)")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("generation")
     ax.set_ylabel(summary["metric"].get("label", f"test {name} (%)"))
@@ -193,7 +216,8 @@ class Study:
     aggregate over the seeds.
 
     Args:
-        make: ``make(seed) -> (model, train_set, test_set)``: an unsplit model and the data of one seed.
+        make: ``make(seed) -> (model, train_set, test_set)`` or ``(model, train_set, test_set, val_set)`` (None:
+            no validation split): an unsplit model and the data of one seed.
             Called once per run (KE, and the baseline), right after ``torch.manual_seed(seed)``.
         config: the KE :class:`Config`; its ``seed`` is replaced by each seed.
         seeds: distinct seeds, 0 .. 2^64-1, run one after another in this order (under DDP every rank
@@ -272,8 +296,8 @@ class Study:
 
     def _one(self, seed: int, config: Config, out: Path, resume: bool) -> list[dict]:
         torch.manual_seed(seed)
-        model, train_set, test_set = self.make(seed)
+        model, train_set, test_set, *val = self.make(seed)  # (model, train, test) or (..., val set or None)
         self.current = Evolution(model, train_set, test_set, replace(config, seed=seed), out, device=self.device,
                                  progress=self.progress, log=self._evolution_log, identity=self.identity,
-                                 **self.options)
+                                 val_set=val[0] if val else None, **self.options)
         return self.current.run(resume=resume)

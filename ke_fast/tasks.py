@@ -85,8 +85,18 @@ class Task:
         """Before training: make the task's own parameters (``criterion``); ``example()`` is one test input."""
 
     # -- training ---------------------------------------------------------------------------------
+    @property
+    def pairs(self) -> bool:
+        """Whether training batches are same-class pairs (:meth:`ke_fast.batches.Batches.epoch`'s ``pairs``)."""
+        return False
+
     def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def forward_loss(self, forward: Forward, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The training loss of one batch; ``forward`` runs the network (a task whose loss needs more than one
+        forward, as CS-KD's, overrides this)."""
+        return self.loss(forward(x), y)
 
     def parameters(self) -> list[nn.Parameter]:
         """The task's trainable parameters, optimised with the network's."""
@@ -108,6 +118,25 @@ class Task:
         """The task's metrics of ``forward`` (the model as it is) over ``batches`` of (input, target)."""
         raise NotImplementedError
 
+    def scores(self, forward: Forward, splits: dict[str, Batches]) -> dict[str, float]:
+        """:meth:`evaluate` on each split, its metrics prefixed by the split's key (``""``: the test set,
+        ``"val_"``: the validation set)."""
+        return {prefix + k: v for prefix, batches in splits.items()
+                for k, v in self.evaluate(forward, batches).items()}
+
+    def validate(self, scores: dict[str, float], generation: int, epoch: int) -> str:
+        """The log line of an evaluation during training (the official code's test_interval): the headline
+        metric on the validation and the test split."""
+        shown = "   ".join(f"{name} {self.show(scores[key])}" for name, key in
+                           (("val", f"val_{self.key}"), ("test", self.key)) if key in scores)
+        return f"generation {generation:2d} epoch {epoch}: dense N_g {shown} ({self.metric_name})"
+
+    def report(self, row: dict[str, Any]) -> str:
+        """The log line of a generation's history row: the headline metric of N_g and H^F_g, the loss."""
+        k, show = self.key, self.show
+        return (f"generation {row['generation']:2d}: dense N_g {show(row['dense_' + k])}   fit H^F_g "
+                f"{show(row['fit_' + k])} ({self.metric_name})   loss {row['train_loss']:.3f}")
+
     @classmethod
     def show(cls, value: float) -> str:
         """A metric value in a log line."""
@@ -121,10 +150,11 @@ class Task:
     @classmethod
     def table(cls, history: list[dict]) -> str:
         """The command line's table: the task's columns (metrics of N_g and H^F_g) per generation."""
-        widths = [max(9, len(head)) for _, head in cls.columns]
-        lines = ["generation | " + " | ".join(head.rjust(w) for (_, head), w in zip(cls.columns, widths))]
+        columns = [c for c in cls.columns if not history or c[0] in history[0]]  # e.g. val_: when there is one
+        widths = [max(9, len(head)) for _, head in columns]
+        lines = ["generation | " + " | ".join(head.rjust(w) for (_, head), w in zip(columns, widths))]
         lines += [f"{row['generation']:10d} | " + " | ".join(cls.cell(row[key]).rjust(w)
-                                                             for (key, _), w in zip(cls.columns, widths))
+                                                             for (key, _), w in zip(columns, widths))
                   for row in history]
         return "\n".join(lines)
 
@@ -135,21 +165,54 @@ class Task:
                     percent=cls.percent, higher_is_better=cls.higher_is_better)
 
 
+CSKD_TEMPERATURE, CSKD_WEIGHT = 4.0, 3.0  # the official trainer: trainers/default_cls.py L16 KDLoss(4), L44-56 "3 *"
+
+
+def cskd_loss(out: torch.Tensor, partner: torch.Tensor, y: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """CS-KD's loss (Yun et al., CVPR 2020; the official KE trainer, trainers/default_cls.py L44-56 with
+    layers/CS_KD.py): cross-entropy of ``out`` (the batch's first half) plus 3 x the KL divergence from the
+    softened predictions of ``partner`` (a same-class sample each, detached) to ``out``'s, temperature 4,
+    summed, times T^2, over the half batch."""
+    t = CSKD_TEMPERATURE
+    ce = F.cross_entropy(out.float(), y, label_smoothing=label_smoothing)
+    kl = F.kl_div(F.log_softmax(out.float() / t, 1), F.softmax(partner.detach().float() / t, 1), reduction="sum")
+    return ce + CSKD_WEIGHT * kl * t * t / len(out)
+
+
 class Classify(Task):
-    """Classification: label-smoothed cross-entropy (``config.label_smoothing``), top-1 accuracy."""
+    """Classification: label-smoothed cross-entropy (``config.label_smoothing``), with ``config.regularizer
+    == "cskd"`` plus CS-KD on same-class pairs (:func:`cskd_loss`); top-1 and top-5 accuracy, on the test
+    and (when the run has one) the validation split."""
 
     name, key, metric_name, label = "classify", "acc", "top-1", "test top-1 (%)"
-    columns = (("dense_acc", "dense N_g"), ("fit_acc", "fit H^F_g"))
+    columns = (("dense_acc", "dense N_g"), ("fit_acc", "fit H^F_g"), ("dense_top5", "dense top5"),
+               ("fit_top5", "fit top5"), ("dense_val_acc", "val N_g"), ("fit_val_acc", "val H^F_g"),
+               ("dense_val_top5", "val N top5"), ("fit_val_top5", "val H top5"))
+
+    @property
+    def pairs(self) -> bool:
+        return self.config.regularizer == "cskd"
 
     def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(out.float(), y, label_smoothing=self.config.label_smoothing)
 
+    def forward_loss(self, forward: Forward, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if not self.pairs:
+            return self.loss(forward(x), y)
+        half = len(x) // 2  # the batch maker's pairs: anchors, then one partner of the same class each
+        out = forward(x[:half])
+        with torch.no_grad():  # as the official trainer: the partners' forward is a second one, without grad
+            partner = forward(x[half:])
+        return cskd_loss(out, partner, y[:half], self.config.label_smoothing)
+
     def evaluate(self, forward: Forward, batches: Batches) -> dict[str, float]:
-        correct, n = 0, 0  # the count stays on the device until the end
+        top1, top5, n = 0, 0, 0  # the counts stay on the device until the end
         for x, y in batches:
-            correct = correct + (forward(x).argmax(1) == y).sum()
+            out = forward(x)
+            hit = out.topk(min(5, out.shape[1]), 1).indices == y[:, None]
+            top1, top5 = top1 + hit[:, 0].sum(), top5 + hit.any(1).sum()
             n += len(y)
-        return {"acc": int(correct) / max(1, n)}
+        return {"acc": int(top1) / max(1, n), "top5": int(top5) / max(1, n)}
 
 
 class Metric(Task):

@@ -26,7 +26,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import bitmask, masked, reinit, sparse_conv
+from . import augment_triton, bitmask, masked, reinit, sparse_conv
 
 CAPABILITIES = (80, 90)
 _FLOATS = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
@@ -82,6 +82,7 @@ def specs() -> list[tuple[str, object, dict, dict, dict]]:
     out.append(("wels_bits", bitmask._wels_bits_kernel,
                 {"out_ptr": "*i32", "numel": "i64", "seed": "i64", "stream": "i64", "threshold": "i32",
                  "BW": "constexpr"}, {"BW": bitmask.WELS_WORDS_PER_PROGRAM}, {}))
+    out += augment_triton.aot_specs()
     return out
 
 

@@ -137,6 +137,8 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                    help="keep a data set on the GPU when it takes at most this fraction of its memory (0: never); "
                         "else pinned host memory with prefetching")
     r.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    r.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="CUDA only: the training step as one captured CUDA graph (default: automatic, off for now)")
     r.add_argument("--no-progress", action="store_true",
                    help="no progress bar (default: a bar with images/s and the run's ETA on a terminal)")
     return p, r
@@ -280,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
                                          local_world_size)
     except ValueError as exc:
         r.error(str(exc))
+    if args.graphs and not device.startswith("cuda"):
+        r.error(f"--graphs applies to CUDA devices only (CUDA graphs), got --device {device}")
     if args.no_amp and not device.startswith("cuda"):
         r.error(f"--no-amp applies to CUDA devices only: bf16 autocast is never on for --device {device}")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -331,7 +335,7 @@ def _config(args: argparse.Namespace, seed: int) -> Config:
                   batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=seed,
                   evolve_mode=args.evolve_mode, reset_bn=args.reset_bn, resample_mask=args.resample_mask,
                   task=args.task, reset_from=args.reset_from, mask_criterion=args.mask_criterion,
-                  amp=False if args.no_amp else None)
+                  amp=False if args.no_amp else None, graphs=args.graphs)
 
 
 def _identity(args: argparse.Namespace) -> dict:

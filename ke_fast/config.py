@@ -92,6 +92,7 @@ class Config:
     mask_criterion: str = "random"  # WELS fit mask: random, or the top-k by "magnitude" / "snip" (ke_fast.variants)
     amp: bool | None = None  # bf16 autocast: None = on for CUDA only, True = on any device, False = off
     channels_last: bool | None = None  # None = on for CUDA
+    graphs: bool | None = None  # the training step as one CUDA graph (ke_fast.step); None: automatic (off)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -145,7 +146,7 @@ class Config:
         if self.resample_mask and self.split != "wels":
             fail("resample_mask", Opt("resample_mask"), " applies to ", Opt("split", "wels"),
                  " only (KELS masks follow the channels and never change)")
-        for name in ("amp", "channels_last"):
+        for name in ("amp", "channels_last", "graphs"):
             if getattr(self, name) not in (None, True, False):
                 fail(name, Opt(name), f" must be None (automatic), True or False, got {getattr(self, name)!r}")
         return self

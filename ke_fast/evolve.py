@@ -35,36 +35,8 @@ from .launch import init_process_group  # noqa: F401  (re-exported)
 from .rundir import (CHECKPOINTS, RUN_FILES, CheckpointError, RunDir, RunExistsError, _snapshot,  # noqa: F401
                      _Writer, architecture_fingerprint, check_resumable, data_fingerprint, load_checkpoint,
                      run_identity, save_atomic)
+from .step import EagerStep, GraphStep, _fused_sgd_supported, _lr_lambda, _optimizer, use_graphs  # noqa: F401
 from .tasks import TASKS, headline_metric  # noqa: F401  (re-exported)
-
-
-def _lr_lambda(cfg: Config, steps_per_epoch: int) -> Callable[[int], float]:
-    warm = cfg.warmup_epochs * steps_per_epoch
-    total = cfg.epochs * steps_per_epoch
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
-
-    return f
-
-
-def _fused_sgd_supported(device: torch.device) -> bool:
-    """torch.optim.SGD(fused=True) runs on CUDA and (torch >= 2.4) on CPU."""
-    return device.type in ("cuda", "cpu")
-
-
-def _optimizer(params: list[nn.Parameter], cfg: Config, steps_per_epoch: int, device: torch.device,
-               opt_state: dict | None = None, sched_state: dict | None = None) -> tuple[torch.optim.SGD, Any]:
-    """A generation's fresh SGD and its warm-up + cosine schedule (or the states a checkpoint saved)."""
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                          fused=_fused_sgd_supported(device))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps_per_epoch))
-    if opt_state is not None:
-        opt.load_state_dict(opt_state)
-        sched.load_state_dict(sched_state)
-    return opt, sched
 
 
 def _mean_over_ranks(grad: torch.Tensor) -> torch.Tensor:
@@ -217,6 +189,9 @@ class Evolution:
         self._train = Batches(train_set, self.device, True, device_fraction, self.rank, self.world, self.channels_last)
         self._test = Batches(test_set, self.device, False, device_fraction, channels_last=self.channels_last)
         self._forward_loss = torch.compile(self._forward_loss_eager) if compile else self._forward_loss_eager
+        graphs = use_graphs(config.graphs, self.device, self.world)  # the step the loop calls (ke_fast.step)
+        self._step = (GraphStep(self._forward_loss, config, self.device, self.amp) if graphs
+                      else EagerStep(self._forward_loss, config, self.device))
         example = functools.cache(lambda: next(self._test.epoch(1))[0])  # one input, as the model sees it
         # layer-threshold forgetting: {layer: "keep" | "reset"}, fixed for the run (forward order)
         self._whole = None if config.reset_from is None else \
@@ -296,8 +271,8 @@ class Evolution:
     def _generation(self, g: int, start_epoch: int, opt_state: dict | None, sched_state: dict | None) -> None:
         cfg, model = self.cfg, self.model
         net = nn.parallel.DistributedDataParallel(model) if self.world > 1 else model
-        opt, sched = _optimizer([*model.parameters(), *self.task.parameters()], cfg, self._train.steps(cfg.batch_size),
-                                self.device, opt_state, sched_state)
+        opt, sched = self._step.optimizer([*model.parameters(), *self.task.parameters()],
+                                          self._train.steps(cfg.batch_size), opt_state, sched_state)
         t0 = time.perf_counter()
         for epoch in range(start_epoch, cfg.epochs):
             t1 = time.perf_counter()
@@ -339,12 +314,7 @@ class Evolution:
         total, count = torch.zeros((), device=self.device), 0
         self._bar.epoch(f"KE gen {g}/{self.cfg.generations} epoch {epoch + 1}/{self.cfg.epochs}")
         for x, y in self._train.epoch(self.cfg.batch_size, self.cfg.seed, g, epoch):
-            loss = self._forward_loss(net, x, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.detach() * len(y)
+            self._step(net, opt, sched, x, y, total)  # eager, or one CUDA graph replay (ke_fast.step)
             count += len(y)
             self._bar.update(len(y))
         mean = total.item() / max(1, count)

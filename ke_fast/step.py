@@ -114,6 +114,18 @@ def _load_in_place(opt: torch.optim.SGD, state: dict) -> None:
             s["momentum_buffer"] = old
 
 
+def refresh_(opt: torch.optim.SGD, lr: float) -> None:
+    """Make ``opt`` (an SGD with tensor learning rates) what a new SGD with learning rate ``lr`` would be, in
+    place: momentum buffers zeroed (a new SGD's first step sets ``buf = grad``, the same value as ``0 *
+    momentum + grad`` with dampening 0), learning rate tensors filled, the schedule's base rate reset."""
+    for s in opt.state.values():
+        if s.get("momentum_buffer") is not None:
+            s["momentum_buffer"].zero_()
+    for g in opt.param_groups:
+        g["lr"].fill_(lr)
+        g["initial_lr"] = g["lr"].clone()
+
+
 class GraphStep(EagerStep):
     """The training step as one CUDA graph per batch shape (see the module docstring); CUDA only.
 
@@ -141,12 +153,7 @@ class GraphStep(EagerStep):
             if [id(p) for g in self.opt.param_groups for p in g["params"]] != [id(p) for p in params]:
                 raise RuntimeError("GraphStep: the parameters changed between generations; a captured graph "
                                    "updates the same tensors in place")
-            for s in self.opt.state.values():
-                if s.get("momentum_buffer") is not None:
-                    s["momentum_buffer"].zero_()
-            for g in self.opt.param_groups:
-                g["lr"].fill_(self.cfg.lr)
-                g["initial_lr"] = g["lr"].clone()
+            refresh_(self.opt, self.cfg.lr)
         sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(self.cfg, steps_per_epoch))
         if opt_state is not None:
             _load_in_place(self.opt, opt_state)

@@ -107,6 +107,8 @@ def _load_in_place(opt: torch.optim.SGD, state: dict) -> None:
     for group, lr in zip(opt.param_groups, lrs):
         lr.fill_(float(group["lr"]))  # once per resume: a host value is fine here
         group["lr"] = lr
+        if "initial_lr" in group:
+            group["initial_lr"] = float(group["initial_lr"])
     for p, s in opt.state.items():
         old, new = bufs.get(p), s.get("momentum_buffer")
         if old is not None and new is not None:
@@ -117,13 +119,14 @@ def _load_in_place(opt: torch.optim.SGD, state: dict) -> None:
 def refresh_(opt: torch.optim.SGD, lr: float) -> None:
     """Make ``opt`` (an SGD with tensor learning rates) what a new SGD with learning rate ``lr`` would be, in
     place: momentum buffers zeroed (a new SGD's first step sets ``buf = grad``, the same value as ``0 *
-    momentum + grad`` with dampening 0), learning rate tensors filled, the schedule's base rate reset."""
+    momentum + grad`` with dampening 0), learning rate tensors filled, the schedule's base rate reset (a
+    float: the schedule then fills the tensor with a host number, no device arithmetic per step)."""
     for s in opt.state.values():
         if s.get("momentum_buffer") is not None:
             s["momentum_buffer"].zero_()
     for g in opt.param_groups:
         g["lr"].fill_(lr)
-        g["initial_lr"] = g["lr"].clone()
+        g["initial_lr"] = float(lr)
 
 
 class GraphStep(EagerStep):
@@ -149,6 +152,7 @@ class GraphStep(EagerStep):
             lr = torch.tensor(self.cfg.lr, dtype=torch.float32, device=self.device)
             self.opt = torch.optim.SGD(params, lr=lr, momentum=self.cfg.momentum,
                                        weight_decay=self.cfg.weight_decay, fused=True)
+            refresh_(self.opt, self.cfg.lr)
         else:
             if [id(p) for g in self.opt.param_groups for p in g["params"]] != [id(p) for p in params]:
                 raise RuntimeError("GraphStep: the parameters changed between generations; a captured graph "

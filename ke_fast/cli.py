@@ -166,6 +166,8 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                    help="keep a data set on the GPU when it takes at most this fraction of its memory (0: never); "
                         "else pinned host memory with prefetching")
     r.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    r.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="CUDA only: the training step as one captured CUDA graph (default: automatic, off for now)")
     r.add_argument("--no-progress", action="store_true",
                    help="no progress bar (default: a bar with images/s and the run's ETA on a terminal)")
     return p, r
@@ -303,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
                                          local_world_size)
     except ValueError as exc:
         r.error(str(exc))
+    if args.graphs and not device.startswith("cuda"):
+        r.error(f"--graphs applies to CUDA devices only (CUDA graphs), got --device {device}")
     if args.no_amp and not device.startswith("cuda"):
         r.error(f"--no-amp applies to CUDA devices only: bf16 autocast is never on for --device {device}")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1

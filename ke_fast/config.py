@@ -98,6 +98,7 @@ class Config:
     schedule: str = "step"  # "epoch": the lr changes once per epoch, as the official KE code (ke_fast.recipes)
     regularizer: str = "smooth"  # "cskd": plus class-wise self-knowledge distillation on same-class pairs
     val_every: int = 0  # epochs between evaluations on the validation split while training (0: never)
+    graphs: bool | None = None  # the training step as one CUDA graph (ke_fast.step); None: automatic (off)
     recipe: str | None = None  # the recipe (ke_fast.recipes) the defaults came from, recorded with the run
 
     def epochs_in(self, generation: int) -> int:
@@ -185,7 +186,7 @@ class Config:
                                                 f"{self.val_every!r}")
         if self.recipe is not None and self.recipe not in RECIPE_NAMES:
             fail("recipe", Opt("recipe"), f" must be None or one of {RECIPE_NAMES}, got {self.recipe!r}")
-        for name in ("amp", "channels_last"):
+        for name in ("amp", "channels_last", "graphs"):
             if getattr(self, name) not in (None, True, False):
                 fail(name, Opt(name), f" must be None (automatic), True or False, got {getattr(self, name)!r}")
         return self

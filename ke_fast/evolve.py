@@ -35,6 +35,7 @@ from .launch import init_process_group  # noqa: F401  (re-exported)
 from .rundir import (CHECKPOINTS, RUN_FILES, CheckpointError, RunDir, RunExistsError, _snapshot,  # noqa: F401
                      _Writer, architecture_fingerprint, check_resumable, data_fingerprint, load_checkpoint,
                      run_identity, save_atomic)
+from .step import EagerStep, GraphStep, _fused_sgd_supported, _lr_lambda, _optimizer, use_graphs  # noqa: F401
 from .tasks import TASKS, headline_metric  # noqa: F401  (re-exported)
 
 # the names users and tests import from here, wherever they live now (_Writer and _snapshot too, privately)
@@ -42,42 +43,6 @@ __all__ = ["Evolution", "reset_generation_", "choose_masks_", "check_run_options
            "EVOLVE_MODES", "CheckpointError", "RunExistsError", "save_atomic", "load_checkpoint", "data_fingerprint",
            "architecture_fingerprint", "check_resumable", "init_process_group", "headline_metric", "CHECKPOINTS",
            "RUN_FILES"]
-
-
-def _lr_lambda(cfg: Config, steps_per_epoch: int, generation: int = 1) -> Callable[[int], float]:
-    """The factor of the peak lr at each step of ``generation``: linear warm-up then cosine, over steps
-    (``schedule="step"``) or constant within an epoch (``"epoch"``: the official code's cosine_lr, called once
-    per epoch with the epoch's index, utils/schedulers.py L39-46 and KE_model.py L96)."""
-    per = steps_per_epoch if cfg.schedule == "step" else 1
-    warm, total = cfg.warmup_epochs * per, cfg.epochs_in(generation) * per
-
-    def f(step: int) -> float:
-        if per == 1:  # the scheduler still steps every batch: the epoch is the step's epoch
-            step //= max(1, steps_per_epoch)
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
-
-    return f
-
-
-def _fused_sgd_supported(device: torch.device) -> bool:
-    """torch.optim.SGD(fused=True) runs on CUDA and (torch >= 2.4) on CPU."""
-    return device.type in ("cuda", "cpu")
-
-
-def _optimizer(params: list[nn.Parameter], cfg: Config, steps_per_epoch: int, device: torch.device,
-               opt_state: dict | None = None, sched_state: dict | None = None,
-               generation: int = 1) -> tuple[torch.optim.SGD, Any]:
-    """A generation's fresh SGD and its warm-up + cosine schedule (or the states a checkpoint saved)."""
-    opt = torch.optim.SGD(params, lr=cfg.lr_in(generation), momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                          fused=_fused_sgd_supported(device))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps_per_epoch, generation))
-    if opt_state is not None:
-        opt.load_state_dict(opt_state)
-        sched.load_state_dict(sched_state)
-    return opt, sched
-
 
 def _mean_over_ranks(grad: torch.Tensor) -> torch.Tensor:
     """A gradient averaged over the DDP ranks, as DDP does for the parameters it wraps."""
@@ -244,6 +209,9 @@ class Evolution:
         self._val = None if val_set is None else \
             Batches(val_set, self.device, False, device_fraction, channels_last=self.channels_last)
         self._forward_loss = torch.compile(self._forward_loss_eager) if compile else self._forward_loss_eager
+        graphs = use_graphs(config.graphs, self.device, self.world)  # the step the loop calls (ke_fast.step)
+        self._step = (GraphStep(self._forward_loss, config, self.device, self.amp) if graphs
+                      else EagerStep(self._forward_loss, config, self.device))
         example = functools.cache(lambda: next(self._test.epoch(1))[0])  # one input, as the model sees it
         # layer-threshold forgetting: {layer: "keep" | "reset"}, fixed for the run (forward order)
         self._whole = None if config.reset_from is None else \
@@ -323,8 +291,8 @@ class Evolution:
     def _generation(self, g: int, start_epoch: int, opt_state: dict | None, sched_state: dict | None) -> None:
         cfg, model = self.cfg, self.model
         net = nn.parallel.DistributedDataParallel(model) if self.world > 1 else model
-        opt, sched = _optimizer([*model.parameters(), *self.task.parameters()], cfg, self._train.steps(cfg.batch_size),
-                                self.device, opt_state, sched_state, g)
+        opt, sched = self._step.optimizer([*model.parameters(), *self.task.parameters()],
+                                          self._train.steps(cfg.batch_size), opt_state, sched_state, g)
         t0, epochs = time.perf_counter(), cfg.epochs_in(g)
         for epoch in range(start_epoch, epochs):
             t1 = time.perf_counter()
@@ -362,12 +330,7 @@ class Evolution:
         total, count = torch.zeros((), device=self.device), 0
         self._bar.epoch(f"KE gen {g}/{self.cfg.generations} epoch {epoch + 1}/{self.cfg.epochs_in(g)}")
         for x, y in self._train.epoch(self.cfg.batch_size, self.cfg.seed, g, epoch, pairs=self.task.pairs):
-            loss = self._forward_loss(net, x, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.detach() * len(y)
+            self._step(net, opt, sched, x, y, total)  # eager, or one CUDA graph replay (ke_fast.step)
             count += len(y)
             self._bar.update(len(y))
         mean = total.item() / max(1, count)

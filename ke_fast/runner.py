@@ -65,7 +65,7 @@ def _config(args: argparse.Namespace, seed: int) -> Config:
                   evolve_mode=args.evolve_mode, reset_bn=args.reset_bn, resample_mask=args.resample_mask,
                   task=args.task, reset_from=args.reset_from, mask_criterion=args.mask_criterion,
                   amp=False if args.no_amp else None, schedule=args.schedule, regularizer=args.regularizer,
-                  val_every=args.val_every, recipe=args.recipe)
+                  val_every=args.val_every, recipe=args.recipe, graphs=args.graphs)
 
 
 def _study_seeds(args: argparse.Namespace) -> list[int] | None:

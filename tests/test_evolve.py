@@ -41,7 +41,9 @@ def _env() -> dict:
     return env
 
 
-def _cli(args: list[str], cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+def _cli(args: list[str], cwd: Path, timeout: float = 1800) -> subprocess.CompletedProcess:
+    # the timeout catches a hang only: these runs take seconds idle, but several minutes on a 2-core machine
+    # shared with a parallel reference run and other test workers (180 s was seen to expire there)
     return subprocess.run([sys.executable, "-m", "ke_fast", "run", *args], cwd=cwd, env=_env(), capture_output=True,
                           text=True, timeout=timeout)
 

@@ -11,7 +11,7 @@ TORCH ?= torch==2.13.0
 WORKERS ?= auto
 HAS_CUDA := $(shell $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1 && echo 1)
 
-.PHONY: install test demo bench bench-cli gpu-report aot aot-matrix
+.PHONY: install test test-shuffled demo bench bench-cli gpu-report aot aot-matrix
 
 install:
 ifeq ($(HAS_CUDA),1)
@@ -24,10 +24,20 @@ else
 endif
 
 # pytest-xdist spreads the suite over the cores (WORKERS=0 runs it in one process); exit 5 ("no tests
-# collected") is turned into a failure.
+# collected") is turned into a failure. `make test` keeps the file order (-p no:randomly: pytest-randomly,
+# in the test extra, would shuffle otherwise); `make test-shuffled` runs the tests in a random order, printing
+# the seed ("Using --randomly-seed=N"): rerun a failing order with SEED=N. Without the cache provider no
+# state carries from one run to the next; the tests must not depend on their order or on each other.
 test: install
-	$(PY) -m pytest tests -q -p no:cacheprovider -n $(WORKERS); rc=$$?; \
+	$(PY) -m pytest tests -q -p no:cacheprovider -p no:randomly -n $(WORKERS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+test-shuffled: install
+	@seed=$${SEED:-$$($(PY) -c "import random; print(random.randrange(1 << 31))")}; \
+	  echo "test-shuffled: --randomly-seed=$$seed"; \
+	  $(PY) -m pytest tests -q -p randomly -p no:cacheprovider --randomly-seed=$$seed -n $(WORKERS); rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; \
+	  echo "test-shuffled: seed $$seed (rerun this order: make test-shuffled SEED=$$seed)"; exit $$rc
 
 demo: install
 	$(PY) -m ke_fast run

@@ -60,7 +60,7 @@ setup(
         "triton>=3.1; platform_system == 'Linux' and (platform_machine == 'x86_64' or platform_machine == 'aarch64')",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "scipy"],
+        "test": ["pytest", "pytest-xdist", "pytest-randomly", "scipy"],
         "bench": ["pytest-benchmark", "matplotlib"],
         "demo": ["scikit-learn", "tqdm", "matplotlib"],
     },

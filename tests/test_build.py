@@ -109,22 +109,37 @@ def test_live_build_is_waited_for_not_removed(fresh_backend, fake_load, monkeypa
     """Another process holds the build lock (a live build): wait for it, say so, and leave its torch lock."""
     monkeypatch.setattr(backend, "_installed", lambda: None)
     fresh_backend.mkdir(parents=True)
-    ready = fresh_backend.parent / "ready"
+    ready, go = fresh_backend.parent / "ready", fresh_backend.parent / "go"
     holder = subprocess.Popen([sys.executable, "-c", (
         "import fcntl, sys, time, pathlib\n"
         f"d = pathlib.Path({str(fresh_backend)!r})\n"
         "f = open(d / 'ke_fast.flock', 'a+'); fcntl.flock(f, fcntl.LOCK_EX); f.write('pid holder'); f.flush()\n"
         "(d / 'lock').touch()\n"
         f"pathlib.Path({str(ready)!r}).touch()\n"
-        "time.sleep(3); (d / 'lock').unlink(); fcntl.flock(f, fcntl.LOCK_UN)\n")])
+        # released when this test starts to wait (an event, not a sleep that a slow test could outlast); the
+        # 600 s bound is reached only by a build that never waits, which the asserts below then report
+        f"go, t = pathlib.Path({str(go)!r}), time.monotonic()\n"
+        "while not go.exists() and time.monotonic() < t + 600: time.sleep(0.01)\n"
+        "(d / 'lock').unlink(); fcntl.flock(f, fcntl.LOCK_UN)\n")])
+    import fcntl
+
+    real_flock = fcntl.flock
+
+    def flock(fd, op):  # the blocking acquire is the wait: let the holder finish now
+        if op == fcntl.LOCK_EX:
+            go.touch()
+        return real_flock(fd, op)
+
     try:
-        deadline = time.monotonic() + 60  # generous: a loaded machine starts Python slowly
-        while not ready.exists():
-            assert time.monotonic() < deadline and holder.poll() is None, "the lock holder did not start"
+        while not ready.exists():  # the holder's own exit is the other event: no wall-clock deadline needed
+            assert holder.poll() is None, "the lock holder ended before taking the lock"
             time.sleep(0.05)
+        monkeypatch.setattr(fcntl, "flock", flock)
         assert backend.cpu_extension() is not None
+        assert go.exists(), "the build did not wait for the live holder"
     finally:
-        holder.wait(timeout=60)
+        go.touch()
+        holder.wait(timeout=600)  # it ends as soon as it sees `go`; generous for a loaded machine
     assert "waiting for another process (pid holder)" in capsys.readouterr().err
     assert fake_load[0]["lock_present"] is False  # the holder released it; nothing was removed as stale
 
@@ -137,7 +152,9 @@ def test_killed_first_use_then_second_use_completes(tmp_path):
     first = subprocess.Popen([sys.executable, "-c", FIRST_USE], env=env, cwd=ROOT, start_new_session=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 300  # importing torch on a busy 2-core machine can take a while
+        # the events: torch's lock appears, or the first use ends (a failure); the bound only catches a hang
+        # (idle: seconds; importing torch on a busy 2-core machine can take minutes)
+        deadline = time.monotonic() + 1200
         while not list((tmp_path / "ext").glob("*/lock")):
             assert first.poll() is None, f"the first use ended before building: {first.communicate()}"
             assert time.monotonic() < deadline, "the first use never started its build"

@@ -2,7 +2,6 @@
 (gloo, CPU) sees identical masks and identical weights after a training step and a reset, then tears
 its process group down completely."""
 import os
-import socket
 import time
 
 import torch
@@ -194,36 +193,32 @@ def _group_threads():
     return [n for n in names if "gloo" in n or "tcpstore" in n]
 
 
-def _ddp_worker(rank, world, port, out_path):
+def _ddp_worker(rank, world, store_path, out_path):
     """One DDP rank: the steps, then a teardown that leaves no thread of the process group running (one
     that runs on into interpreter shutdown can abort the process); rank 0 saves what it saw."""
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
     import torch.distributed as dist
 
     from ke_fast.evolve import init_process_group
 
     torch.set_num_threads(1)
-    init_process_group("gloo", rank=rank, world_size=world)
+    # a FileStore rendezvous: no port is picked here and bound later by another process (that raced); gloo
+    # binds its own connections to ports the OS hands out
+    init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
     try:
         result = _ddp_steps(rank, world)
         dist.barrier()
     finally:
         dist.destroy_process_group()
-    deadline = time.monotonic() + 5  # a thread just joined can linger in /proc for a moment; a leaked one stays
+    # a thread just joined can linger in /proc for a moment; a leaked one stays. 30 s: generous on a loaded
+    # machine, and only a failing run waits that long
+    deadline = time.monotonic() + 30
     while (left := _group_threads()) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not left, f"rank {rank}: threads of the process group outlive destroy_process_group: {left}"
     if rank == 0:
         torch.save(result, out_path)
-
-
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ddp_two_ranks_identical_masks_and_resets(tmp_path):
@@ -234,7 +229,7 @@ def test_ddp_two_ranks_identical_masks_and_resets(tmp_path):
     import ke_fast
 
     out = tmp_path / "ddp_result.pt"
-    mp.start_processes(_ddp_worker, args=(WORLD, _free_port(), str(out)), nprocs=WORLD, join=True,
+    mp.start_processes(_ddp_worker, args=(WORLD, str(tmp_path / "store"), str(out)), nprocs=WORLD, join=True,
                        start_method="spawn")
     result = torch.load(out, weights_only=False)
     for mode in ("kels", "wels"):

@@ -353,39 +353,7 @@ def test_checkpoint_every_minutes(tmp_path, monkeypatch):
     assert ev.saved == (2, 5)
 
 
-def test_loss_is_read_once_per_epoch(tmp_path, monkeypatch):
-    """Host reads (Tensor.item) in an epoch do not grow with the number of steps."""
-    reads = []
-    real_item = torch.Tensor.item
-    real_train = Evolution._train_epoch
-    counting = {"on": False}
-
-    def item(self):
-        if counting["on"]:
-            reads[-1] += 1
-        return real_item(self)
-
-    def train_epoch(self, *args):
-        reads.append(0)
-        counting["on"] = True
-        try:
-            return real_train(self, *args)
-        finally:
-            counting["on"] = False
-
-    monkeypatch.setattr(torch.Tensor, "item", item)
-    monkeypatch.setattr(Evolution, "_train_epoch", train_epoch)
-    steps = {}
-    for per_class in (1, 4):
-        train, test, _, _ = digits(per_class=per_class)
-        reads.clear()
-        ev = Evolution(build_model("small_cnn", num_classes=10, in_channels=1, width=4), train,
-                       torch.utils.data.Subset(test, range(20)), Config(generations=1, epochs=2, batch_size=2),
-                       tmp_path / str(per_class), device="cpu", progress=False, log=lambda _: None)
-        ev.run()
-        steps[per_class] = ev._train.steps(2)
-        assert reads == [1, 1], (per_class, reads)
-    assert steps == {1: 5, 4: 20}
+# host reads per epoch and per evaluation: tests/test_host_reads.py (every read path, augmentation and bar on)
 
 
 # ---- end to end ---------------------------------------------------------------------------------

@@ -230,7 +230,9 @@ def test_gpu_report_time_limit_kills_the_process_group(tmp_path):
            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); print('started', flush=True); "
            "time.sleep(60)"]
     out = gpu_report.run_limited(cmd, 1.5, tmp_path / "log")
-    assert out["timed_out"] and out["seconds"] < 15 and "started" in out["output"]
+    # killed at 1.5 s instead of the 60 s the process and its child would take: 45 s leaves room for a loaded
+    # machine's slow Python start and still tells a kill from a natural end
+    assert out["timed_out"] and out["seconds"] < 45 and "started" in out["output"]
 
 
 def test_gpu_report_data_sizes_match_ke_fast():

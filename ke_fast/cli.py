@@ -23,7 +23,7 @@ from . import recipes
 from .config import REGULARIZERS, SCHEDULES, Config, ConfigError
 from .data import DIGITS_MAX_PER_CLASS
 from .evolve import check_run_options
-from .launch import init_process_group, resolve_device
+from .processes import init_process_group, resolve_device
 from .models import check_model, model_names, model_options
 from .rundir import CheckpointWarning, RunDir, RunExistsError, StudyDir
 from .runner import (VECTOR_DATASETS, VECTOR_MODELS, _build, _config, _data_and_model, _error,  # noqa: F401

@@ -31,7 +31,7 @@ from .batches import Batches, draw_seed
 from .config import EVOLVE_MODES, Config, ConfigError, Opt  # noqa: F401  (re-exported)
 from .convert import fit_only, reinit_, reset_bn_, split
 from .masks import layer_mask, masked_layers
-from .launch import init_process_group  # noqa: F401  (re-exported)
+from .processes import init_process_group  # noqa: F401  (re-exported)
 from .rundir import (CHECKPOINTS, RUN_FILES, CheckpointError, RunDir, RunExistsError, _snapshot,  # noqa: F401
                      _Writer, architecture_fingerprint, check_resumable, data_fingerprint, load_checkpoint,
                      run_identity, save_atomic)

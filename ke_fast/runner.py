@@ -15,7 +15,7 @@ from . import recipes
 from .config import Config
 from .data import DataError, diabetes, digits, load
 from .evolve import Evolution
-from .launch import launcher
+from .processes import launcher
 from .models import build_model, model_options
 from .rundir import CHECKPOINTS, CheckpointError, StudyDir
 from .study import Study, results_markdown

@@ -6,13 +6,13 @@ Imported only by :func:`.augment.augment_triton` (Triton is imported with it).
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 
 import torch
 import triton
 import triton.language as tl
 
 from .augment import AUG_DRAWS, CROP_RATIO, CROP_SCALE, CROP_TRIES
+from .device import launch_guard
 from .rng import cast_rtne, philox_group, select4
 
 BLOCK = 256  # output pixels per program
@@ -197,7 +197,7 @@ def launch(out: torch.Tensor, pixels: torch.Tensor, offsets: torch.Tensor, shape
         return out
     train = key is not None
     grid = (n, triton.cdiv(size * size, BLOCK))
-    with torch.cuda.device(out.device) if out.is_cuda else nullcontext():  # Triton launches on the current device
+    with launch_guard(out):  # Triton launches on the current device: the output's
         _augment_kernel[grid](
             out, pixels, offsets, shapes, ids, key if train else offsets, boxes if boxes is not None else ids,
             constants(out.device), *out.stride(), stream, size, resize, *(float(v) for v in scale),

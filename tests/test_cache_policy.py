@@ -123,7 +123,7 @@ def test_fit_groups_are_kept_by_the_state_with_their_tables(monkeypatch):
 
 
 def test_a_table_miss_while_capturing_raises(monkeypatch):
-    monkeypatch.setattr(kreinit, "capturing", lambda: True)  # as inside torch.cuda.graph(...)
+    monkeypatch.setattr(K.launch, "capturing", lambda: True)  # as inside torch.cuda.graph(...)
     with pytest.raises(RuntimeError, match="capturing a graph.*once before the capture"):
         kreinit.refuse_in_capture(torch.device("cuda"), "building a table")
     kreinit.refuse_in_capture(torch.device("cpu"), "a CPU table")  # no copy to a device: nothing to refuse

@@ -187,8 +187,8 @@ def _check(r: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for flag, value, applies, scope, given in (
             ("--per-class", args.per_class, digits_data, "--dataset digits", f"--dataset {args.dataset}"),
             ("--image-size", args.image_size, folder, "image folders", f"--dataset {args.dataset}"),
-            ("--width", args.width, "width" in model_options(args.model), "models with a width option",
-             f"--model {args.model}")):
+            ("--width", args.width, _has_width(args.model), f"--model {' / '.join(recipes.WIDTH_MODELS)} or "
+             f"MODULE:FUNCTION taking width", f"--model {args.model}")):
         if value is not None and not applies:
             r.error(f"{flag} applies to {scope} only, not to {given}")
     if task.own_split and args.per_class is not None:
@@ -233,6 +233,12 @@ def _check(r: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         except ValueError as exc:
             r.error(f"--reset-from: {exc}")
     _check_out(r, args)
+
+
+def _has_width(model: str) -> bool:
+    """Whether --width applies to ``model``: the ResNets and VGG of the registry, a MODULE:FUNCTION taking
+    ``width`` (the registry's small models keep their own sizes)."""
+    return model in recipes.WIDTH_MODELS or (":" in model and "width" in model_options(model))
 
 
 def _check_data_and_model(r: argparse.ArgumentParser, args: argparse.Namespace, task: type[Task]) -> None:

@@ -170,7 +170,7 @@ def test_cli_official_recipe_on_make_data_flower102(tmp_path, capsys):
 def test_cli_study_per_generation_epochs_long_baseline_cskd(tmp_path, capsys):
     out = tmp_path / "study"
     assert cli.main(["run", "--generations", "2", "--epochs", "2,1", "--lr", "0.05,0.02", "--per-class", "3",
-                     "--batch-size", "16", "--model", "small_cnn", "--width", "4", "--regularizer", "cskd",
+                     "--batch-size", "16", "--model", "small_cnn", "--regularizer", "cskd",
                      "--seed", "1", "--baseline", "long", "--device", "cpu", "--no-progress", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["epochs"] == [2, 1] and summary["baseline"]["epochs"] == 3

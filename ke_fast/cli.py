@@ -85,10 +85,10 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                    help="models with a width option only (the ResNets, vgg11_bn): base width (default: the "
                         "architecture's standard, 64, with --recipe official; 16 with --recipe demo)")
     r.add_argument("--recipe", choices=recipes.RECIPE_NAMES, default=None,
-                   help="the defaults of the training settings: official = the KE paper's code (full-width "
+                   help="the training settings unless a flag gives them: official = the KE paper's code (full-width "
                         "network, 224 px, batch 32, lr 0.256, 5 warm-up epochs then cosine stepped per epoch, 200 "
                         "epochs x 5 generations, validation every 10 epochs; ke_fast/recipes.py cites them), demo = "
-                        "seconds on the digits; every flag overrides (default: official on image folders, else demo)")
+                        "seconds on the digits (default: official on image folders, else demo)")
     r.add_argument("--regularizer", choices=REGULARIZERS, default=d.regularizer,
                    help="smooth: label smoothing alone; cskd: plus class-wise self-knowledge distillation (Yun et "
                         "al., CVPR 2020): batches of same-class pairs, 3 x KL at temperature 4 (--task classify)")

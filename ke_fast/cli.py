@@ -85,10 +85,10 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                    help="models with a width option only (the ResNets, vgg11_bn): base width (default: the "
                         "architecture's standard, 64, with --recipe official; 16 with --recipe demo)")
     r.add_argument("--recipe", choices=recipes.RECIPE_NAMES, default=None,
-                   help="the defaults of the training settings: official = the KE paper's code (full-width "
+                   help="the training settings unless a flag gives them: official = the KE paper's code (full-width "
                         "network, 224 px, batch 32, lr 0.256, 5 warm-up epochs then cosine stepped per epoch, 200 "
                         "epochs x 5 generations, validation every 10 epochs; ke_fast/recipes.py cites them), demo = "
-                        "seconds on the digits; every flag overrides (default: official on image folders, else demo)")
+                        "seconds on the digits (default: official on image folders, else demo)")
     r.add_argument("--regularizer", choices=REGULARIZERS, default=d.regularizer,
                    help="smooth: label smoothing alone; cskd: plus class-wise self-knowledge distillation (Yun et "
                         "al., CVPR 2020): batches of same-class pairs, 3 x KL at temperature 4 (--task classify)")
@@ -189,8 +189,8 @@ def _check(r: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for flag, value, applies, scope, given in (
             ("--per-class", args.per_class, digits_data, "--dataset digits", f"--dataset {args.dataset}"),
             ("--image-size", args.image_size, folder, "image folders", f"--dataset {args.dataset}"),
-            ("--width", args.width, "width" in model_options(args.model), "models with a width option",
-             f"--model {args.model}")):
+            ("--width", args.width, _has_width(args.model), f"--model {' / '.join(recipes.WIDTH_MODELS)} or "
+             f"MODULE:FUNCTION taking width", f"--model {args.model}")):
         if value is not None and not applies:
             r.error(f"{flag} applies to {scope} only, not to {given}")
     if task.own_split and args.per_class is not None:
@@ -235,6 +235,12 @@ def _check(r: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         except ValueError as exc:
             r.error(f"--reset-from: {exc}")
     _check_out(r, args)
+
+
+def _has_width(model: str) -> bool:
+    """Whether --width applies to ``model``: the ResNets and VGG of the registry, a MODULE:FUNCTION taking
+    ``width`` (the registry's small models keep their own sizes)."""
+    return model in recipes.WIDTH_MODELS or (":" in model and "width" in model_options(model))
 
 
 def _check_data_and_model(r: argparse.ArgumentParser, args: argparse.Namespace, task: type[Task]) -> None:

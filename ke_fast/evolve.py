@@ -299,15 +299,15 @@ class Evolution:
             self._last_loss = self._train_epoch(net, opt, sched, g, epoch)  # reads the device: synchronised
             self.timings["train"] += time.perf_counter() - t1
             if self._val is not None and cfg.val_every and (epoch + 1) % cfg.val_every == 0:  # the official
-                self.log(self.task.validate(self.evaluate(splits=True), g, epoch + 1))  # test_interval
+                self.log(self.task.validate(self.evaluate(), g, epoch + 1))  # test_interval
             if epoch + 1 < epochs and time.monotonic() - self._saved_at >= 60 * self.checkpoint_every:
                 self._checkpoint(g, epoch + 1, opt, sched)
         if cfg.mask_criterion != "random" and (g == 1 or cfg.resample_mask):  # before H^F_g: the mask defines it
             _choose_masks(self, g, epochs)
         t1 = time.perf_counter()
-        row = dict(generation=g, **_prefixed("dense_", self.evaluate(splits=True)))
+        row = dict(generation=g, **_prefixed("dense_", self.evaluate()))
         with fit_only(model):
-            row.update(_prefixed("fit_", self.evaluate(splits=True)))
+            row.update(_prefixed("fit_", self.evaluate()))
         self.timings["eval"] += time.perf_counter() - t1
         row.update(train_loss=self._last_loss, epoch_time_s=(time.perf_counter() - t0) / max(1, epochs - start_epoch))
         self.history.append(row)
@@ -338,14 +338,14 @@ class Evolution:
         return mean
 
     @torch.no_grad()
-    def evaluate(self, data: Dataset | None = None, splits: bool = False) -> dict[str, float]:
-        """The task's metrics of the model as it is (dense, or fit inside ``fit_only``) on ``data`` (default: the
-        test set), e.g. ``{"acc": top-1, "top5": top-5}``; ``splits``: the test's and the val set's (``val_``)."""
+    def evaluate(self, data: Dataset | None = None) -> dict[str, float]:
+        """The task's metrics of the model as it is (dense, or fit inside ``fit_only``) on ``data``, e.g. ``{"acc":
+        top-1, "top5": top-5}``; default: the test set's and, prefixed ``val_``, the validation set's (if any)."""
         self.model.eval()
-        if splits:  # the test set's and the validation set's metrics
+        if data is None:
             sets = (("", self._test), ("val_", self._val))
             return self.task.scores(self._forward, {k: b.epoch(256) for k, b in sets if b is not None})
-        batches = self._test if data is None else Batches(data, self.device, False, channels_last=self.channels_last)
+        batches = Batches(data, self.device, False, channels_last=self.channels_last)
         return self.task.evaluate(self._forward, batches.epoch(256))
 
     def _checkpoint(self, g: int, epoch: int, opt, sched) -> None:

@@ -51,7 +51,8 @@ def _resume_command(args: argparse.Namespace) -> str:
         if dest in ("out", "resume", "overwrite"):
             continue
         words += [f"--{dest.replace('_', '-')}"] + ([] if value is True else list(map(str, value))
-                                                    if isinstance(value, list) else [str(value)])
+                                                    if isinstance(value, list) else [",".join(map(str, value))]
+                                                    if isinstance(value, tuple) else [str(value)])  # per generation
     command = shlex.join([*words, "--out", args.out, "--resume"])
     nodes = "--nnodes=" in command
     return command + (" (on every node, with the rendezvous options it was started with)" if nodes else "")

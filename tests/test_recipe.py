@@ -59,7 +59,7 @@ def test_config_refuses_bad_values(kwargs, field):
     (["--lr", "0.1,0"], "--lr"), (["--schedule", "hourly"], "--schedule"), (["--val-every", "-2"], "--val-every"),
     (["--recipe", "paper"], "--recipe"), (["--regularizer", "mixup"], "--regularizer"),
     (["--model", "no_such_net"], "--model"), (["--model", "no_such_module:make"], "--model"),
-    (["--label-smoothing", "2"], "--label-smoothing"), (["--width", "8", "--model", "small_cnn"], "--width")])
+    (["--label-smoothing", "2"], "--label-smoothing"), (["--width", "8", "--model", "densenet_tiny"], "--width")])
 def test_cli_bad_new_flags_exit_2_naming_the_flag(tmp_path, capsys, words, flag):
     with pytest.raises(SystemExit) as info:
         cli.main(["run", *words, "--device", "cpu", "--out", str(tmp_path / "o")])
@@ -170,7 +170,7 @@ def test_cli_official_recipe_on_make_data_flower102(tmp_path, capsys):
 def test_cli_study_per_generation_epochs_long_baseline_cskd(tmp_path, capsys):
     out = tmp_path / "study"
     assert cli.main(["run", "--generations", "2", "--epochs", "2,1", "--lr", "0.05,0.02", "--per-class", "3",
-                     "--batch-size", "16", "--model", "small_cnn", "--width", "4", "--regularizer", "cskd",
+                     "--batch-size", "16", "--model", "small_cnn", "--regularizer", "cskd",
                      "--seed", "1", "--baseline", "long", "--device", "cpu", "--no-progress", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["epochs"] == [2, 1] and summary["baseline"]["epochs"] == 3
@@ -191,3 +191,12 @@ def test_cli_model_module_function(tmp_path, monkeypatch, capsys):
     assert cli.main(["run", "--model", "mynets:net", "--generations", "1", "--epochs", "1", "--per-class", "2",
                      "--device", "cpu", "--no-progress", "--out", str(tmp_path / "o")]) == 0
     assert "| mynets:net |" in capsys.readouterr().out
+
+
+def test_resume_command_keeps_per_generation_values():
+    p, r = cli._parser()
+    argv = ["run", "--generations", "3", "--epochs", "4,2,1", "--lr", "0.1", "--out", "o"]
+    args = p.parse_args(argv)
+    args.given = cli._given(argv, vars(args))
+    command = cli._resume_command(args)
+    assert "--epochs 4,2,1" in command and "--lr 0.1" in command and command.endswith("--resume")

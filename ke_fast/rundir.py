@@ -194,7 +194,7 @@ def check_resumable(ckpt: dict, path: Path, config: dict[str, Any], identity: di
     data sets and architecture. Fields a checkpoint lacks (older files) are not compared."""
     saved = ckpt.get("config") or {}
     changed = [f"{k}={saved[k]!r} (now {v!r})" for k, v in config.items() if k in saved
-               and saved[k] != v and k not in ("amp", "channels_last", "generations")]
+               and saved[k] != v and k not in ("amp", "channels_last", "graphs", "generations")]
     ident = ckpt.get("identity") or {}
     changed += [f"{k} {ident[k]} (now {v})" for k, v in identity.items()
                 if k not in _COMPUTED and k in ident and ident[k] != v]

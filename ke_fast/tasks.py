@@ -212,7 +212,9 @@ class Classify(Task):
             hit = out.topk(min(5, out.shape[1]), 1).indices == y[:, None]
             top1, top5 = top1 + hit[:, 0].sum(), top5 + hit.any(1).sum()
             n += len(y)
-        return {"acc": int(top1) / max(1, n), "top5": int(top5) / max(1, n)}
+        if n:  # both counts in one read from the device
+            top1, top5 = torch.stack([top1, top5]).tolist()
+        return {"acc": top1 / max(1, n), "top5": top5 / max(1, n)}
 
 
 class Metric(Task):

@@ -85,7 +85,7 @@ def test_an_evaluation_reads_one_count(tmp_path, monkeypatch):
                 ev.evaluate()  # warm: one-time caches
                 with count_host_reads(monkeypatch) as reads:
                     ev.evaluate()
-            assert dict(reads.counts) == {"__int__": 1}, (test, fit, reads.report())
+            assert sum(reads.counts.values()) == 1, (test, fit, reads.report())  # top-1 and top-5 in one read
 
 
 # ---- the counter itself ------------------------------------------------------------------------------

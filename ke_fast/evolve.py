@@ -4,7 +4,8 @@ reset -> fresh optimizer.
 Everything random is derived from the run seed and (generation, epoch): the initial weights, masks
 and resets come from the counter RNG, the data order from a generator seeded per epoch and the augmentation
 of each batch from one seeded per (generation, epoch, batch) (ke_fast.batches). A resumed run therefore
-continues bit for bit, and every DDP rank draws the same masks and resets without talking.
+continues bit for bit, and every DDP rank draws the same random masks and resets without talking (masks
+chosen by magnitude / SNIP are computed on rank 0 and broadcast).
 
 The data are tensors on the device (ke_fast.batches.Batches); the loss is summed on the device and read once
 per epoch; checkpoints are copied at a step boundary and written by a background thread (ke_fast.rundir).

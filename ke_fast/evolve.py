@@ -40,7 +40,7 @@ from .step import EagerStep, GraphStep, _fused_sgd_supported, _lr_lambda, _optim
 from .tasks import TASKS, headline_metric  # noqa: F401  (re-exported)
 
 # the names users and tests import from here, wherever they live now (_Writer and _snapshot too, privately)
-__all__ = ["Evolution", "reset_generation_", "choose_masks_", "check_run_options", "Config", "ConfigError",
+__all__ = ["Evolution", "reset_generation_", "choose_run_masks_", "check_run_options", "Config", "ConfigError",
            "EVOLVE_MODES", "CheckpointError", "RunExistsError", "save_atomic", "load_checkpoint", "data_fingerprint",
            "architecture_fingerprint", "check_resumable", "init_process_group", "headline_metric", "CHECKPOINTS",
            "RUN_FILES"]
@@ -68,7 +68,7 @@ def reset_generation_(model: nn.Module, cfg: Config, g: int, whole: dict[str, st
         reset_bn_(model, whole=whole)
 
 
-def choose_masks_(model: nn.Module, cfg: Config, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+def choose_run_masks_(model: nn.Module, cfg: Config, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                   batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """The fit masks by ``cfg.mask_criterion`` from the trained network (top-k per layer), the same on every
     DDP rank (rank 0's are broadcast); SNIP sums ``loss_fn``'s saliencies over the first SNIP_BATCHES
@@ -124,7 +124,7 @@ def _start_of(ckpt: dict, cfg: Config) -> tuple[int, int, dict | None, dict | No
 def _choose_masks(ev: "Evolution", g: int, epochs: int) -> None:
     """The fit masks by ``mask_criterion`` at the end of generation ``g`` (``epochs`` long); SNIP scores the
     training batches (augmented as in training) of an epoch past the last, a seeded order."""
-    choose_masks_(ev.model, ev.cfg, lambda x, y: ev._forward_loss_eager(ev.model, x, y),
+    choose_run_masks_(ev.model, ev.cfg, lambda x, y: ev._forward_loss_eager(ev.model, x, y),
                   ev._train.epoch(ev.cfg.batch_size, ev.cfg.seed, g, epochs, pairs=ev.task.pairs))
 
 

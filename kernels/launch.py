@@ -14,17 +14,13 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import backend, reference
-from .format import num_words, pack_mask
+from .format import _cdiv, num_words, pack_mask
 
 # ---- masked weights --------------------------------------------------------------------------------
 
 MASK_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 GPU_BLOCK = 2048
 TABLE_COLUMNS = 5  # a masks table row: (w_off, m_off, numel, out_off, first tile)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def check_args(x: torch.Tensor, words: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:

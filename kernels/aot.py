@@ -7,11 +7,13 @@ a GPU would run, built with Triton's own ptxas binary and flags, which differ by
 architecture (``--regAllocOptLevel=2`` from 3.7 on; ``ptxas`` for sm_80 but ``ptxas-blackwell`` for
 sm_90 in 3.9) and change the spills. Prints one JSON object per kernel (``"ptxas": "triton"``; or
 ``"wheel"`` where a Triton release prints no log and the wheel's ptxas-blackwell is run on the PTX
-instead) and exits 1 if any kernel spills or fails to compile.
+instead) and exits 1 if any kernel spills or fails to compile. ``--quick`` compiles the variants of
+:data:`QUICK` only (what ``make test`` checks); ``make aot`` compiles every variant.
 Must run with ``TRITON_INTERPRET`` unset (jit functions are then real JITFunctions).
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -29,6 +31,12 @@ from triton.compiler import ASTSource
 from . import augment_triton, bitmask, masked, reinit, sparse_conv
 
 CAPABILITIES = (80, 90)
+# ``--quick`` (the test suite's share): per kernel the variants with the most registers at stake — the widest
+# tile, fp32 (IEEE accumulation) and bf16 (conversions) — for both architectures; ``make aot`` compiles all.
+QUICK = ("reinit[fp32,normal]", "reinit[bf16,normal]", "masked[bf16->fp32]", "masked_multi[fp32->bf16]",
+         "sparse_conv[fp32,64x64]", "sparse_conv[bf16,128x128]", "sparse_depthwise[fp32]", "sparse_depthwise[bf16]",
+         "sparse_skinny[fp32,16 rows]", "sparse_skinny[bf16,16 rows]", "wels_bits", "augment[fp32,train]",
+         "augment[u8,train]")
 _FLOATS = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 
 
@@ -123,14 +131,16 @@ def _environ(**values: str):
                 os.environ[k] = v
 
 
-def compile_all() -> list[dict]:
-    """Compile every spec for every capability; one result dict each.
+def compile_all(quick: bool = False) -> list[dict]:
+    """Compile every spec (``quick``: those named in :data:`QUICK`) for every capability; one result dict each.
 
     Triton prints its ptxas log (TRITON_DUMP_PTXAS_LOG) only when ptxas really runs, so every
     kernel is compiled afresh in an empty cache directory."""
     results = []
     with tempfile.TemporaryDirectory() as cache, _environ(TRITON_CACHE_DIR=cache, TRITON_DUMP_PTXAS_LOG="1"):
         for name, kernel, signature, constexprs, options in specs():
+            if quick and name not in QUICK:
+                continue
             for cap in CAPABILITIES:
                 row = {"kernel": name, "sm": cap, "num_warps": options.get("num_warps", 4)}
                 try:
@@ -150,8 +160,12 @@ def compile_all() -> list[dict]:
     return results
 
 
-def main() -> int:
-    results = compile_all()
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ke_fast.kernels.aot", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help=f"compile only the {len(QUICK)} variants of QUICK (the test suite's share)")
+    args = parser.parse_args(argv)
+    results = compile_all(quick=args.quick)
     for row in results:
         print(json.dumps(row))
     return 0 if all(r["ok"] for r in results) else 1

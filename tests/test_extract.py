@@ -33,7 +33,7 @@ def _reference_backend(monkeypatch):
 def build(name, seed=0):
     torch.manual_seed(seed)
     if name == "resnet18":
-        return resnet18(num_classes=10, width=8, stem="small"), (2, 3, 8, 8)
+        return resnet18(num_classes=10, width=8, stem="small"), (1, 3, 6, 6)
     if name == "resnet50":
         return resnet50(num_classes=10, width=8), (2, 3, 32, 32)
     if name == "densenet":

@@ -92,7 +92,9 @@ def test_implementations_agree(dtype, init, monkeypatch):
 
 
 def test_kolmogorov_smirnov(impl):
-    n = 40_000 if impl.device == "cuda" or impl.name != "triton" else 8_000
+    # the interpreter runs each Triton program in Python: 2,000 draws there (the kernel's values equal the
+    # reference's bit for bit or within 2 ulp, test_implementations_agree; the 40,000-draw KS runs on those)
+    n = 40_000 if impl.device == "cuda" or impl.name != "triton" else 2_000
     fan_in = 100
     fan_out = n // fan_in
     xb = math.sqrt(6 / (fan_in + fan_out))

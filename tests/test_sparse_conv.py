@@ -82,7 +82,7 @@ CONV_CASES = [
     (6, 6, 6, 3, 1, 1, 2, 3, 1.0, True),
     (6, 6, 6, 3, 2, 1, 1, 1, 0.0, True),
     (6, 6, 6, 3, 1, 0, 1, 1, 0.1, False),
-    (17, 17, 17, 7, 1, 3, 1, 1, 0.5, True),  # K = 49 > 32: popcounts of earlier words of the chunk
+    (5, 5, 5, 7, 1, 3, 1, 1, 0.5, True),  # K = 49 > 32: popcounts of earlier words of the chunk
 ]
 
 
@@ -524,8 +524,10 @@ def _config_cases():
 @pytest.mark.parametrize("dtype,config", _config_cases())
 def test_every_gpu_config_matches_reference(dtype, config):
     """Each config the GPU autotuner may pick, forced, on a conv and a linear that span several tiles and
-    chunks (Triton on the GPU; under the interpreter on CPU hosts)."""
-    x, w, m, b = _data(11, (2, 17, 9, 9), (130, 17, 3, 3), 0.4, dtype, True)
+    chunks (Triton on the GPU; under the interpreter on CPU hosts). The conv's 81 output rows and 130 filters
+    span 2-6 tiles of every config (rows for BLOCK_M <= 64, filters for all); the linear's K = 300 spans two
+    chunks of 8 words."""
+    x, w, m, b = _data(11, (1, 9, 9, 9), (130, 9, 3, 3), 0.4, dtype, True)
     cw = sc.compress(w, m)
     out = sc.sparse_conv2d(x, cw.bits, cw.values, cw.offsets, list(cw.shape), b, [1, 1], [1, 1], [1, 1], 1,
                            config=config)

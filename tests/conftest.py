@@ -86,6 +86,31 @@ def impl(request, monkeypatch):
     return Impl(name, device)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "interpreter_sample(keep): under the Triton interpreter, run the "
+                            "triton-cpu cases for which keep(params) is true (a stated sample; all run elsewhere)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The interpreter runs each Triton program in Python (seconds per case): a test marked
+    ``interpreter_sample(keep)`` runs its ("triton", "cpu") cases only where ``keep(callspec.params)`` holds —
+    a pairwise sample its marker states — and every case on the other pairs. The rest are deselected, so the
+    summary line counts them ("N deselected"); on a CUDA host nothing is deselected."""
+    if not INTERPRETING:
+        return
+    kept, dropped = [], []
+    for item in items:
+        marker = item.get_closest_marker("interpreter_sample")
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if marker is not None and tuple(params.get("impl", ())) == ("triton", "cpu") and not marker.args[0](params):
+            dropped.append(item)
+        else:
+            kept.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
 def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Distance in units in the last place between two fp32 tensors of the same sign pattern."""
     ia = a.float().contiguous().view(torch.int32).to(torch.int64)

@@ -133,6 +133,18 @@ def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
     return {prefix + k: v for k, v in metrics.items()}
 
 
+def _validate(ev: "Evolution", g: int, epoch: int) -> None:
+    """An evaluation during training after ``epoch`` epochs of generation ``g`` (the official test_interval,
+    KE_model.py: val top-1 / top-5 of the dense network): a row of ``ev.val_history`` (``generation``,
+    ``epoch``, ``run_epoch`` over the run, the ``dense_`` metrics on the validation and the test list), kept
+    in every checkpoint, written to val.csv now, and logged."""
+    scores = ev.evaluate()
+    run_epoch = sum(map(ev.cfg.epochs_in, range(1, g))) + epoch
+    ev.val_history.append(dict(generation=g, epoch=epoch, run_epoch=run_epoch, **_prefixed("dense_", scores)))
+    ev.dir.write_val(ev.val_history)
+    ev.log(ev.task.validate(scores, g, epoch))
+
+
 class _Progress:
     """The run's tqdm bar (images, images/s, ETA), or nothing when off."""
 
@@ -222,7 +234,7 @@ class Evolution:
             for p in self.task.parameters():
                 p.register_hook(_mean_over_ranks)
         self.dir = RunDir(self.out, self.rank)
-        self.history: list[dict] = []
+        self.history, self.val_history = [], []  # rows: per generation / per validation in training (_validate)
         self.start: tuple[int, int] = (1, 0)
         self._last_loss, self._saved_at, self._bar = float("nan"), time.monotonic(), _Progress(False, 0)
         self.timings = dict(train=0.0, eval=0.0, checkpoint=0.0, reset=0.0)  # seconds per part, for benchmarks
@@ -263,6 +275,7 @@ class Evolution:
             ckpt, path = found
             self.dir.restore(ckpt, path, asdict(self.cfg), self.identity, self.model, self.task)
             self.history, self._last_loss = ckpt["history"], ckpt.get("train_loss", float("nan"))
+            self.val_history = ckpt.get("val_history", [])  # older checkpoints did not keep them
             start_gen, start_epoch, opt_state, sched_state = _start_of(ckpt, self.cfg)
             if start_gen > self.cfg.generations:
                 self.start = (start_gen, 0)
@@ -283,7 +296,8 @@ class Evolution:
             self._generation(g, start_epoch, opt_state, sched_state)
             start_epoch, opt_state, sched_state = 0, None, None
         if self.history:  # once per run: matplotlib costs more than a small generation
-            self.dir.write_plot(self.history, self.task, f"KE {self.cfg.split.upper()} {self.cfg.split_rate}")
+            self.dir.write_plot(self.history, self.task, f"KE {self.cfg.split.upper()} {self.cfg.split_rate}",
+                                self.val_history)
         return self.history
 
     def _evolve(self, g: int) -> None:
@@ -300,7 +314,7 @@ class Evolution:
             self._last_loss = self._train_epoch(net, opt, sched, g, epoch)  # reads the device: synchronised
             self.timings["train"] += time.perf_counter() - t1
             if self._val is not None and cfg.val_every and (epoch + 1) % cfg.val_every == 0:  # the official
-                self.log(self.task.validate(self.evaluate(), g, epoch + 1))  # test_interval
+                _validate(self, g, epoch + 1)  # test_interval
             if epoch + 1 < epochs and time.monotonic() - self._saved_at >= 60 * self.checkpoint_every:
                 self._checkpoint(g, epoch + 1, opt, sched)
         if cfg.mask_criterion != "random" and (g == 1 or cfg.resample_mask):  # before H^F_g: the mask defines it
@@ -313,7 +327,7 @@ class Evolution:
         row.update(train_loss=self._last_loss, epoch_time_s=(time.perf_counter() - t0) / max(1, epochs - start_epoch))
         self.history.append(row)
         self._checkpoint(g, epochs, None, None)
-        self.dir.write_results(self.history, asdict(cfg))
+        self.dir.write_results(self.history, asdict(cfg), self.val_history)
         self.log(self.task.report(row))
 
     def _forward(self, x: torch.Tensor, net: nn.Module | None = None) -> torch.Tensor:
@@ -357,5 +371,5 @@ class Evolution:
                            config=asdict(self.cfg), identity=self.identity, train_loss=self._last_loss,
                            optimizer=None if opt is None else opt.state_dict(),
                            scheduler=None if sched is None else sched.state_dict(), task=self.task.state_dict(),
-                           rng=dict(torch=torch.get_rng_state())), (g, epoch))
+                           rng=dict(torch=torch.get_rng_state()), val_history=self.val_history), (g, epoch))
         self.timings["checkpoint"] += time.perf_counter() - t0

@@ -1,7 +1,8 @@
 """The files of a run and of a study (Lightning's checkpoint / logger seam), used alike by the command line,
 :class:`ke_fast.study.Study` and the library.
 
-A run folder (:class:`RunDir`) holds ``last.pt`` and ``prev.pt`` (the two newest checkpoints), ``history.csv``,
+A run folder (:class:`RunDir`) holds ``last.pt`` and ``prev.pt`` (the two newest checkpoints), ``history.csv``
+(a row per generation), ``val.csv`` (a row per evaluation on the validation list during training, if any),
 ``summary.json`` and ``plot.png``; a study folder (:class:`StudyDir`) holds ``summary.json``, ``results.md``
 and ``plot.png`` and a run folder per seed, ``seed-<n>/``, with the seed's baseline in ``seed-<n>/baseline/``.
 Every file is written whole or not at all (a temporary file, then ``os.replace``); checkpoints are copied
@@ -29,7 +30,7 @@ from torch.utils.data import Dataset, TensorDataset
 from .config import Opt, OptionMessage
 
 CHECKPOINTS = ("last.pt", "prev.pt")
-RUN_FILES = (*CHECKPOINTS, "history.csv", "summary.json", "plot.png")  # what a run writes into its folder
+RUN_FILES = (*CHECKPOINTS, "history.csv", "val.csv", "summary.json", "plot.png")  # what a run writes into its folder
 STUDY_FILES = ("summary.json", "results.md", "plot.png")  # what a study writes into its folder itself
 FORMAT = 2  # the checkpoint format this version writes ("format" in the checkpoint)
 FORMATS = (1, 2)  # the formats it reads: 1 = the checkpoints written before the field existed
@@ -328,42 +329,43 @@ class RunDir:
         """The tag of the last checkpoint completely written (None before the first)."""
         return self._writer.done
 
-    def write_results(self, history: list[dict], config: dict[str, Any]) -> None:
-        """history.csv and summary.json (the config, every generation's row and the last one's metrics)."""
+    def _write_csv(self, name: str, rows: list[dict]) -> None:
+        tmp = self.path / (name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, self.path / name)
+
+    def write_val(self, val: list[dict]) -> None:
+        """val.csv: the evaluations on the validation list during training (``generation``, ``epoch`` in the
+        generation, ``run_epoch`` counted over the run, then the metrics of N_g: ``dense_val_acc`` ...)."""
+        if self.rank == 0 and val:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._write_csv("val.csv", val)
+
+    def write_results(self, history: list[dict], config: dict[str, Any], val: list[dict] | None = None) -> None:
+        """history.csv, val.csv (:meth:`write_val`) and summary.json (the config, every generation's row, the last
+        one's metrics and ``val``: the evaluations during training, [] without)."""
         if self.rank != 0:
             return
         self.path.mkdir(parents=True, exist_ok=True)
-        tmp = self.path / "history.csv.tmp"
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(history[0]))
-            w.writeheader()
-            w.writerows(history)
-        os.replace(tmp, self.path / "history.csv")
+        self._write_csv("history.csv", history)
+        self.write_val(val or [])
         final = {k: v for k, v in history[-1].items() if k.startswith(("dense_", "fit_"))}
-        write_text(self.path / "summary.json", json.dumps(dict(config=config, history=history, final=final), indent=2))
+        write_text(self.path / "summary.json",
+                   json.dumps(dict(config=config, history=history, final=final, val=list(val or [])), indent=2))
 
-    def write_plot(self, history: list[dict], task: Any, title: str) -> None:
-        """plot.png: the task's headline metric of N_g and H^F_g per generation."""
+    def write_plot(self, history: list[dict], task: Any, title: str, val: list[dict] | None = None) -> None:
+        """plot.png: :func:`ke_fast.plots.run_figure` (the task's metrics of N_g and H^F_g per generation on the
+        test and validation lists; with ``val``, the validation curve during training)."""
         if self.rank != 0:
             return
-        import matplotlib
+        from .plots import pyplot, run_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        scale = 100 if task.percent else 1
-        gens = [r["generation"] for r in history]
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        ax.plot(gens, [scale * r["dense_" + task.key] for r in history], "o-", label="dense $N_g$")
-        ax.plot(gens, [scale * r["fit_" + task.key] for r in history], "s-", label="fit hypothesis $H^F_g$")
-        ax.set_xlabel("generation")
-        ax.set_ylabel(task.label)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
+        fig = run_figure(history, val or [], task, title)
         fig.savefig(self.path / "plot.png", dpi=120)
-        plt.close(fig)
+        pyplot().close(fig)
 
 
 class StudyDir:

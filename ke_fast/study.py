@@ -6,7 +6,8 @@ each seed into ``<out>/seed-<n>/baseline/``: the same model, data, seed, learnin
 size, trained densely for generations x epochs epochs in one schedule, never split and never reset (an
 Evolution run of :func:`baseline_config`). It then writes ``<out>/summary.json``, ``<out>/results.md`` and
 ``<out>/plot.png``: per generation the mean and the sample standard deviation over the seeds of the task's
-headline metric (:mod:`ke_fast.tasks`: top-1, Recall@1, or RMSE where lower is better) of the dense network
+metrics (summary.json's ``val``: of the evaluations on the validation list during training too); the plot:
+the headline metric (:mod:`ke_fast.tasks`: top-1, Recall@1, or RMSE where lower is better) of the dense network
 and the fit hypothesis, and the baseline beside KE's last generation. The folder follows the overwrite /
 resume policy of :class:`ke_fast.rundir.StudyDir`.
 
@@ -110,6 +111,21 @@ def aggregate(histories: Mapping[int, list[dict]], baselines: Mapping[int, dict]
         base = {m: _stat([baselines[s][m] for s in seeds]) for m in metrics if all(m in b for b in baselines.values())}
     return dict(seeds=seeds, std=STD, metric=headline, generations=rows,
                 final={m: rows[-1][m] for m in metrics}, baseline=base)
+
+
+def aggregate_val(vals: Mapping[int, list[dict]]) -> list[dict]:
+    """The evaluations on the validation list during training (:attr:`ke_fast.evolve.Evolution.val_history`,
+    {seed: rows}) as a study's summary.json keeps them: per (``generation``, ``epoch``, ``run_epoch``) the
+    stat (mean, sample std, values in the order of the seeds) of every metric all seeds have there; [] when a
+    seed has none or the seeds were evaluated at other epochs."""
+    at = {s: [(r["generation"], r["epoch"], r["run_epoch"]) for r in rows] for s, rows in vals.items()}
+    first = next(iter(at.values()), [])
+    if not first or any(points != first for points in at.values()):
+        return []
+    keys = [k for k in next(iter(vals.values()))[0] if k.startswith("dense_")]
+    return [dict(generation=g, epoch=e, run_epoch=r, **{k: _stat([rows[i][k] for rows in vals.values()])
+                                                         for k in keys if all(k in rows[i] for rows in vals.values())})
+            for i, (g, e, r) in enumerate(first)]
 
 
 def _show(value: float, percent: bool) -> str:
@@ -272,10 +288,12 @@ class Study:
         if overwrite and dist.is_available() and dist.is_initialized():
             dist.barrier()  # no rank checks a seed's folder before rank 0 has cleared it
         histories: dict[int, list[dict]] = {}
+        vals: dict[int, list[dict]] = {}  # each seed's evaluations during training
         baselines: dict[int, dict] | None = {} if self.baseline else None
         for i, seed in enumerate(self.seeds):
             self.log(f"seed {seed} ({i + 1}/{len(self.seeds)}): KE in {seed_dir(self.out, seed)}")
             histories[seed] = self._one(seed, self.config, seed_dir(self.out, seed), resume)
+            vals[seed] = self.current.val_history
             if baselines is not None:
                 cfg = baseline_config(self.config)
                 self.log(f"seed {seed}: {self.baseline} baseline, {cfg.epochs} dense epochs, in "
@@ -283,7 +301,8 @@ class Study:
                 baselines[seed] = self._one(seed, cfg, baseline_dir(self.out, seed), resume)[-1]
         self.current = None
         summary = dict(aggregate(histories, baselines, self.config.task),
-                       config={k: v for k, v in asdict(self.config).items() if k != "seed"}, identity=self.identity)
+                       config={k: v for k, v in asdict(self.config).items() if k != "seed"}, identity=self.identity,
+                       val=aggregate_val(vals))
         if self.baseline:
             summary["baseline"] = dict(kind=self.baseline, epochs=baseline_config(self.config).epochs,
                                        **summary["baseline"])

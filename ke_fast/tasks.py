@@ -40,7 +40,8 @@ class Task:
     Class attributes: ``name`` (its key in :data:`TASKS`); ``key`` / ``metric_name``: the headline metric
     (the history holds ``dense_<key>`` and ``fit_<key>``) and ``higher_is_better``; ``percent``: metrics are
     fractions shown x100 with "%"; ``label``: the caption of plots and tables; ``columns``: ``(history key,
-    header)`` of the command line's table; ``dataset``: the bundled data set it runs on by default and
+    header)`` of the command line's table; ``plotted``: ``(metric, name)`` of the metrics the run's plot shows
+    (one scale; the headline first); ``dataset``: the bundled data set it runs on by default and
     ``images``: whether it also runs on image folders; ``embedding_default``: not None when the model's
     output is an embedding of a chosen size; ``own_split``: not None (saying how) when it splits the pooled
     data by itself."""
@@ -52,6 +53,7 @@ class Task:
     percent: ClassVar[bool] = True
     label: ClassVar[str] = ""
     columns: ClassVar[tuple[tuple[str, str], ...]] = ()
+    plotted: ClassVar[tuple[tuple[str, str], ...]] = ()
     dataset: ClassVar[str] = "digits"
     images: ClassVar[bool] = True
     embedding_default: ClassVar[int | None] = None
@@ -188,6 +190,7 @@ class Classify(Task):
     columns = (("dense_acc", "dense N_g"), ("fit_acc", "fit H^F_g"), ("dense_top5", "dense top5"),
                ("fit_top5", "fit top5"), ("dense_val_acc", "val N_g"), ("fit_val_acc", "val H^F_g"),
                ("dense_val_top5", "val N top5"), ("fit_val_top5", "val H top5"))
+    plotted = (("acc", "top-1"), ("top5", "top-5"))
 
     @property
     def pairs(self) -> bool:
@@ -226,6 +229,7 @@ class Metric(Task):
     label = "test Recall@1 (%) on classes unseen in training"
     columns = (("dense_recall1", "dense R@1"), ("fit_recall1", "fit R@1"), ("dense_recall4", "dense R@4"),
                ("fit_recall4", "fit R@4"))
+    plotted = (("recall1", "Recall@1"), ("recall4", "Recall@4"))
     embedding_default = 64
     own_split = "trains on every image of the first half of the classes"
 
@@ -273,6 +277,7 @@ class Regression(Task):
     label = "test RMSE (standardised target; lower is better)"
     columns = (("dense_rmse", "dense RMSE"), ("fit_rmse", "fit RMSE"), ("dense_r2", "dense R²"),
                ("fit_r2", "fit R²"))
+    plotted = (("rmse", "RMSE"),)  # R² is on another scale
     dataset, images = "diabetes", False
 
     def setup(self, model: nn.Module, train_set: Dataset, example: Callable[[], torch.Tensor],

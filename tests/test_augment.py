@@ -5,6 +5,8 @@ images), the fused Triton kernel (interpreter on CPU, CUDA when present) against
 Tolerances (0..255 pixel units unless said):
 * PyTorch path vs PIL crop + resize (BILINEAR, antialiased): max 1.0, mean 0.5 (PIL rounds to uint8 after
   each of its two passes and keeps 22-bit fixed-point weights; the PyTorch path stays in fp32 throughout).
+* PyTorch path vs the documented filter evaluated in fp64: within 2e-3 (fp32 weights and sums, images up to
+  300 px).
 * Triton vs PyTorch path: boxes identical; fp32 values within 1e-3 (fp32 centres and weights vs fp64 ones,
   another summation order); bf16 within one bf16 rounding; uint8 within 1 level (a value at .5 may round
   either way).
@@ -183,6 +185,40 @@ def test_train_views_match_pil(impl, size):
     ref = torch.stack([_pil_train_view(arrays[i], b, size) for i, b in zip(ids.tolist(), boxes.tolist())])
     diff = (out - ref).abs()
     assert float(diff.max()) <= 1.0 + 1e-3 and float(diff.mean()) < 0.5, (float(diff.max()), float(diff.mean()))
+
+
+def _filter64(n: int, size: int, base: float, offset: float, s: float, lo: int, hi: int) -> torch.Tensor:
+    """fp64 [size, n]: the module docstring's resampling weights of one axis, pixel by pixel."""
+    f = max(s, 1.0)
+    c = base + (torch.arange(size, dtype=torch.float64)[:, None] + offset + 0.5) * s
+    t = torch.arange(n, dtype=torch.float64)[None]
+    taps = (t >= torch.floor(c - f + 0.5).clamp(min=lo)) & (t < torch.floor(c + f + 0.5).clamp(max=hi))
+    m = (1 - (t - c + 0.5).abs() / f).clamp(min=0) * taps
+    return m / m.sum(1, keepdim=True)
+
+
+def test_cpu_path_is_the_documented_filter():
+    """The CPU path against the docstring's filter written out in fp64:
+    training views (crop, then resize; up- and downsampling up to ~13x; flips) and centre views (resize the
+    whole image, then crop)."""
+    pixels, offsets, shapes = _store(ARRAYS)
+    ids, size = torch.tensor([0, 1, 2, 3, 4, 2, 2, 0, 2]), 23
+    out = A.random_resized_crop(pixels, offsets, shapes, ids, 41, 0, size, 300, 300)
+    boxes = A.random_boxes(A.draw_uniforms(41, 0, len(ids)), shapes[ids])
+    assert boxes[:, 4].any() and not boxes[:, 4].all()
+    for v, i, (top, left, h, w, flip) in zip(out, ids.tolist(), boxes.tolist()):
+        img = torch.from_numpy(ARRAYS[i]).double().permute(2, 0, 1)
+        ref = (_filter64(img.shape[1], size, top, 0, h / size, top, top + h) @ img
+               @ _filter64(img.shape[2], size, left, 0, w / size, left, left + w).T)
+        assert float((v - (ref.flip(-1) if flip else ref)).abs().max()) < 2e-3
+    resize = round(size * 256 / 224)
+    out = A.centre_view(pixels, offsets, shapes, torch.arange(len(ARRAYS)), size, resize, 300, 300)
+    for v, a in zip(out, ARRAYS):
+        img, (h, w) = torch.from_numpy(a).double().permute(2, 0, 1), a.shape[:2]
+        oh, ow = (resize * h // w, resize) if w <= h else (resize, resize * w // h)  # torchvision's Resize
+        top, left = round((oh - size) / 2), round((ow - size) / 2)  # CenterCrop (half to even)
+        ref = _filter64(h, size, 0, top, h / oh, 0, h) @ img @ _filter64(w, size, 0, left, w / ow, 0, w).T
+        assert float((v - ref).abs().max()) < 2e-3
 
 
 @pytest.mark.parametrize("size", [16, 21])

@@ -13,7 +13,7 @@ from torch.utils.data import TensorDataset
 
 from ke_fast import cli, recipes
 from ke_fast.config import Config, ConfigError
-from ke_fast.evolve import Evolution, _lr_lambda
+from ke_fast.evolve import Evolution, _lr_lambda, load_checkpoint
 from ke_fast.study import baseline_config
 from ke_fast.tasks import Classify, cskd_loss
 
@@ -141,6 +141,35 @@ def test_evolution_scores_val_and_validates_every_n_epochs(tmp_path):
     assert len(during) == 3, lines  # every epoch of both generations (2 + 1)
     with open(tmp_path / "history.csv") as f:
         assert keys <= set(next(csv.reader(f)))
+    # every evaluation during training is kept: val.csv, summary.json's "val", the checkpoint (a resume keeps it)
+    at = [(1, 1, 1), (1, 2, 2), (2, 1, 3)]  # (generation, epoch, run_epoch)
+    assert [(r["generation"], r["epoch"], r["run_epoch"]) for r in ev.val_history] == at
+    assert all({"dense_val_acc", "dense_val_top5", "dense_acc"} <= set(r) for r in ev.val_history)
+    with open(tmp_path / "val.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(int(r["generation"]), int(r["epoch"]), int(r["run_epoch"])) for r in rows] == at
+    assert [float(r["dense_val_acc"]) for r in rows] == [r["dense_val_acc"] for r in ev.val_history]
+    assert json.loads((tmp_path / "summary.json").read_text())["val"] == ev.val_history
+    assert load_checkpoint(tmp_path / "last.pt")["val_history"] == ev.val_history
+
+
+def test_a_resume_keeps_the_validations_during_training(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(12, 5, generator=g), torch.arange(12) % 3
+    data = TensorDataset(x, y)
+
+    def evolution(generations: int) -> Evolution:
+        return Evolution(torch.nn.Linear(5, 3), data, data, Config(generations=generations, epochs=2, val_every=1),
+                         tmp_path, device="cpu", progress=False, log=lambda _: None, val_set=data)
+
+    first = evolution(1)
+    first.run()
+    more = evolution(2)
+    more.run(resume=True)  # a second generation: the first one's rows come from the checkpoint
+    assert more.val_history[:2] == first.val_history and len(first.val_history) == 2
+    assert [(r["generation"], r["epoch"], r["run_epoch"]) for r in more.val_history] == [(1, 1, 1), (1, 2, 2),
+                                                                                          (2, 1, 3), (2, 2, 4)]
+    assert json.loads((tmp_path / "summary.json").read_text())["val"] == more.val_history
 
 
 # -- the command line end to end ----------------------------------------------------------------------

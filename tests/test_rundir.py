@@ -188,3 +188,39 @@ def test_resume_hint_names_the_interpreter_and_torchrun(monkeypatch):
                         "--no-progress --out 'runs/x y' --resume"), ddp
     nodes = _hint(monkeypatch, {"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4"}, argv)
     assert "--nproc_per_node=4 --nnodes=2 -m ke_fast run" in nodes and "rendezvous" in nodes, nodes
+
+
+# -- the run's plot ------------------------------------------------------------------------------------------
+def _rows(keys: list[str], gens: int = 3) -> list[dict]:
+    return [dict(generation=g, **{k: 0.1 * g for k in keys}) for g in range(1, gens + 1)]
+
+
+def _labels(ax) -> list[str]:
+    return [line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")]
+
+
+def test_run_plot_shows_top1_top5_of_dense_and_fit_on_test_and_val_and_the_val_curve():
+    """The figure's content, not its pixels: per generation 8 curves (N_g / H^F_g x top-1 / top-5 x test / val),
+    then the validation curve during training against the run's epoch, a mark where each generation ends."""
+    from ke_fast.plots import pyplot, run_figure
+    from ke_fast.tasks import TASKS
+
+    keys = [f"{n}_{s}{m}" for n in ("dense", "fit") for s in ("", "val_") for m in ("acc", "top5")]
+    val = [dict(generation=g, epoch=e, run_epoch=2 * (g - 1) + e, dense_val_acc=0.2, dense_val_top5=0.5, dense_acc=0.1)
+           for g in (1, 2, 3) for e in (1, 2)]
+    fig = run_figure(_rows(keys), val, TASKS["classify"], "KE KELS 0.5")
+    per_gen, curve = fig.axes
+    labels = _labels(per_gen)
+    assert len(labels) == 8 and len(set(labels)) == 8
+    assert {"dense $N_g$ top-1 (test)", "fit $H^F_g$ top-5 (val)"} <= set(labels)
+    assert list(per_gen.get_lines()[0].get_ydata()) == pytest.approx([10, 20, 30])  # percent
+    assert _labels(curve) == ["dense $N_g$ top-1 (val)", "dense $N_g$ top-5 (val)"]
+    assert list(curve.get_lines()[0].get_xdata()) == [1, 2, 3, 4, 5, 6]
+    assert [ln.get_xdata()[0] for ln in curve.get_lines()[2:]] == [2, 4]  # generations 1 and 2 end there
+    pyplot().close(fig)
+    fig = run_figure(_rows(["dense_acc", "fit_acc", "dense_top5", "fit_top5"]), [], TASKS["classify"], "t")
+    assert len(fig.axes) == 1 and len(_labels(fig.axes[0])) == 4  # no validation list: test only, one panel
+    pyplot().close(fig)
+    fig = run_figure(_rows(["dense_rmse", "fit_rmse", "dense_r2", "fit_r2"]), [], TASKS["regression"], "t")
+    assert _labels(fig.axes[0]) == ["dense $N_g$ RMSE (test)", "fit $H^F_g$ RMSE (test)"]  # R²: another scale
+    pyplot().close(fig)

@@ -104,6 +104,7 @@ def test_layout_and_summary_equal_numpy(study):
             assert {"last.pt", "history.csv", "summary.json", "plot.png"} <= {p.name for p in run.iterdir()}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["seeds"] == SEEDS and "ddof=1" in summary["std"]
+    assert summary["val"] == []  # no validation list here (aggregate_val: test below)
     histories = [_history(out / f"seed-{s}" / "history.csv") for s in SEEDS]
     assert [r["generation"] for r in summary["generations"]] == list(range(1, GENS + 1))
     for i, row in enumerate(summary["generations"]):
@@ -315,3 +316,21 @@ def test_cli_study_out_refusals(tmp_path, capsys):
         assert exc.value.code == 2 and err.count("error:") == 1 and all(w in err for w in words), (extra, err)
         assert _files(out) == before
     assert [p.name for p in study_files(nested)] == ["prev.pt"]
+
+
+def test_aggregate_val_keeps_the_validations_during_training_per_epoch():
+    """summary.json's ``val``: mean and sample std over the seeds at each (generation, epoch) of the evaluations
+    during training; [] when the seeds were not evaluated at the same epochs."""
+    from ke_fast.study import aggregate_val
+
+    def rows(offset: float, epochs=(1, 2)) -> list[dict]:
+        return [dict(generation=g, epoch=e, run_epoch=2 * (g - 1) + e, dense_val_acc=0.1 * e + offset,
+                     dense_val_top5=0.5 + offset) for g in (1, 2) for e in epochs]
+
+    val = aggregate_val({3: rows(0.0), 7: rows(0.2)})
+    assert [(r["generation"], r["epoch"], r["run_epoch"]) for r in val] == [(1, 1, 1), (1, 2, 2), (2, 1, 3), (2, 2, 4)]
+    assert val[1]["dense_val_acc"]["values"] == pytest.approx([0.2, 0.4])
+    assert val[1]["dense_val_acc"]["mean"] == pytest.approx(0.3)
+    assert val[1]["dense_val_acc"]["std"] == pytest.approx(0.2 / 2 ** 0.5)
+    assert aggregate_val({3: rows(0.0), 7: rows(0.0, epochs=(2,))}) == [] and aggregate_val({3: []}) == []
+    assert aggregate_val({3: rows(0.0)})[0]["dense_val_top5"]["std"] is None  # one seed

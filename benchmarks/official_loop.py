@@ -2,7 +2,7 @@
 
 Written from the algorithm of the official implementation (github.com/ahmdtaha/knowledge_evolution; its
 semantics, none of its code), as a whole process of its own so that ``benchmarks/cli_bench.py`` can pair it
-with ``python -m ke_fast run`` doing the same work. It imports torch (and scikit-learn for the digits), never
+with ``python -m ke_fast run`` doing the same work. It imports torch (and reads scikit-learn's digits file), never
 ke_fast: a fresh process pays only what the official code would pay.
 
 What makes it the official algorithm (and what ke_fast does differently):
@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import importlib.util
 import json
 import math
 import sys
@@ -39,6 +40,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -250,12 +252,22 @@ def run(cfg: OfficialConfig, train: Dataset, test: Dataset, out_dir: Path, devic
 # ------------------------------------------------------------------------------------------------ data
 def digits(per_class: int = 20, seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
     """scikit-learn's 8x8 digits split as ``ke_fast.data.digits`` splits them (same images, same order):
-    ``per_class`` training images per class drawn with a seeded permutation, every other image for testing."""
-    from sklearn.datasets import load_digits
+    ``per_class`` training images per class drawn with a seeded permutation, every other image for testing.
+    Read as ``ke_fast.data.digits_arrays`` reads them (scikit-learn's installed CSV, without importing
+    scikit-learn), so that loading the data costs both contenders the same."""
+    spec = importlib.util.find_spec("sklearn")
+    path = None if spec is None or spec.origin is None else \
+        Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
+    if path is None or not path.is_file():
+        from sklearn.datasets import load_digits
 
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(d.target, dtype=torch.int64)
+        d = load_digits()
+        images, labels = d.images, d.target
+    else:
+        table = np.loadtxt(path, delimiter=",")
+        images, labels = table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+    x = torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(labels, dtype=torch.int64)
     if not 1 <= per_class < int(torch.bincount(y).min()):
         raise ValueError(f"per_class must be in 1 .. {int(torch.bincount(y).min()) - 1}, got {per_class}")
     g = torch.Generator().manual_seed(seed)

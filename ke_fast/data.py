@@ -9,9 +9,11 @@ once and cached (see that module for the stores, the evaluation view and their m
 from __future__ import annotations
 
 import csv
+import importlib.util
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
@@ -58,16 +60,32 @@ class ImageData(NamedTuple):
     in_channels: int
 
 
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 8x8 digits as (images [1797, 8, 8] in 0..16, labels [1797]), the values and order of
+    ``sklearn.datasets.load_digits()``: read from the CSV that scikit-learn installs (64 pixel columns then
+    the label), without importing scikit-learn (1.5-2 s of a short run's start); ``load_digits`` where the
+    file is not found."""
+    spec = importlib.util.find_spec("sklearn")
+    path = None if spec is None or spec.origin is None else \
+        Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
+    if path is None or not path.is_file():
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        return d.images, d.target
+    table = np.loadtxt(path, delimiter=",")
+    return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+
+
 def digits(per_class: int = 20, seed: int = 0) -> tuple[TensorDataset, TensorDataset, int, int]:
-    """sklearn's 8x8 digits: ``per_class`` training images per class, the rest for testing.
+    """scikit-learn's 8x8 digits (:func:`digits_arrays`): ``per_class`` training images per class, the rest
+    for testing.
 
     Returns (train, test, num_classes, in_channels); images are 1x8x8 floats in [0, 1]. Raises DataError
     unless every class keeps at least one test image (``per_class`` <= DIGITS_MAX_PER_CLASS)."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(d.target, dtype=torch.int64)
+    images, labels = digits_arrays()
+    x = torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(labels, dtype=torch.int64)
     counts = torch.bincount(y)
     if not 1 <= per_class < int(counts.min()):
         raise DataError(f"per_class must be in 1 .. {int(counts.min()) - 1} (digit {int(counts.argmin())} has "

@@ -379,3 +379,24 @@ def test_cli_image_folder_end_to_end(tmp_path, capsys):
     timeless = [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in ckpt["history"]]
     assert [{k: v for k, v in r.items() if k != "epoch_time_s"}
             for r in load_checkpoint(tmp_path / "run2" / "last.pt")["history"]] == timeless  # deterministic
+
+
+def test_digits_read_without_sklearn_equal_load_digits(monkeypatch):
+    """The digits come from scikit-learn's installed CSV without importing scikit-learn; the same images,
+    labels and order as load_digits(), and load_digits() itself where the CSV is not found."""
+    import importlib.util
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from ke_fast import data
+
+    want = load_digits()
+    monkeypatch.delitem(sys.modules, "sklearn.datasets", raising=False)  # it must not be imported again
+    images, labels = data.digits_arrays()
+    assert "sklearn.datasets" not in sys.modules
+    assert images.shape == (1797, 8, 8) and np.array_equal(images, want.images)
+    assert labels.dtype == np.int64 and np.array_equal(labels, want.target)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # no CSV to be found: the fallback
+    images, labels = data.digits_arrays()
+    assert np.array_equal(images, want.images) and np.array_equal(labels, want.target)

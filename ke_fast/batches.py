@@ -58,6 +58,17 @@ class _Items:
         return _Items(self.parts, self.part[idx], self.index[idx], self.labels[idx] if labels is None else labels)
 
 
+@dataclass
+class EpochPlan:
+    """An epoch as device tensors (:meth:`Batches.plan`, :meth:`Batches.eval_plan`): ``order`` int64 [steps,
+    width] (row b: batch b's positions, then padding), ``keys`` int64 [steps], ``sizes`` the length of each batch
+    (host ints, known without reading the device), ``valid`` bool [steps, width] (evaluation plans)."""
+    order: torch.Tensor
+    keys: torch.Tensor
+    sizes: list[int]
+    valid: torch.Tensor | None = None
+
+
 def image_items(data: Dataset) -> _Items | None:
     """The images behind ``data`` (an ImageSet, or a Subset / ConcatDataset / class subset of them: any data
     set with ``data``, ``indices`` and ``labels`` tensors), or None when it is not made of ImageSets."""
@@ -273,6 +284,60 @@ class Batches:
             return t.to(self.device)
         return t.pin_memory().to(self.device, non_blocking=True)
 
+    def _cuts(self, batch_size: int, seed: int, generation: int, epoch: int, pairs: bool
+              ) -> tuple[list[torch.Tensor], list[int] | None]:
+        """An epoch's batches as host positions (pairs: anchors, then partners) and, for augmented batches,
+        their keys ``draw_seed(seed, generation, epoch, b)``."""
+        if pairs and not self.train:
+            raise ValueError("pairs=True makes CS-KD training batches; these are evaluation batches (train=False)")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        order = self._order(seed, generation, epoch, pairs)
+        cuts = [order[s:s + batch_size].t().reshape(-1) for s in range(0, len(order), batch_size)]
+        keys = [draw_seed(seed, generation, epoch, b) for b in range(len(cuts))] if self.augment else None
+        return cuts, keys
+
+    def plan(self, batch_size: int, seed: int = 0, generation: int = 0, epoch: int = 0, pairs: bool = False
+             ) -> EpochPlan:
+        """The epoch of :meth:`epoch` as device tensors a captured graph reads (resident data only): row b of
+        ``order`` holds batch b's positions (``sizes[b]`` of them, the rest 0), ``keys[b]`` its augmentation
+        key (0 where batches are not augmented). :meth:`make` of row b's first ``sizes[b]`` positions and key b
+        is batch b of :meth:`epoch`. Two host-to-device copies, no host read."""
+        if not self.resident:
+            raise ValueError("Batches.plan needs data resident on the device (device_fraction large enough)")
+        cuts, keys = self._cuts(batch_size, seed, generation, epoch, pairs)
+        sizes = [len(c) for c in cuts]
+        order = torch.zeros(len(cuts), max(sizes, default=0), dtype=torch.int64)
+        for b, c in enumerate(cuts):
+            order[b, :len(c)] = c
+        keys_t = torch.tensor(keys if keys is not None else [0] * len(cuts), dtype=torch.int64)
+        return EpochPlan(self._to_device(order), self._to_device(keys_t), sizes)
+
+    def eval_plan(self, chunk: int) -> EpochPlan:
+        """Every item in order, in rows of ``chunk`` positions (the last row padded with position 0): what a
+        graphed evaluation reads; ``valid`` marks the real positions (resident data only)."""
+        if self.train or not self.resident:
+            raise ValueError("Batches.eval_plan needs evaluation batches (train=False) resident on the device")
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        rows = math.ceil(len(self) / chunk)
+        flat = torch.arange(rows * chunk, dtype=torch.int64)
+        valid = flat < len(self)
+        order = torch.where(valid, flat, 0).view(rows, chunk)
+        sizes = [min(chunk, len(self) - r * chunk) for r in range(rows)]
+        return EpochPlan(self._to_device(order), self._to_device(torch.zeros(rows, dtype=torch.int64)), sizes,
+                         self._to_device(valid.view(rows, chunk)))
+
+    def make(self, positions: torch.Tensor, key: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, labels) of the items at device ``positions`` (resident data), augmented (training images)
+        with the key held by ``key`` (int64 [1] on the device): device ops only, no host read, so a CUDA graph
+        can capture it and torch.compile trace it. Equals :meth:`batch` / :meth:`epoch` for the same positions
+        and key (the CPU path draws with the key as a tensor: the same integer arithmetic)."""
+        g = self._gather(positions)
+        if self.augment and key is None:
+            raise ValueError("training images need their augmentation key (an int64 [1] device tensor)")
+        return self._finish(g, None if key is None else (key, key)), g[-1]
+
     def epoch(self, batch_size: int, seed: int = 0, generation: int = 0, epoch: int = 0, pairs: bool = False
               ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The batches (inputs, labels) of one epoch on the device, ready for the model.
@@ -280,14 +345,7 @@ class Batches:
         ``pairs`` (training only; CS-KD): each batch holds up to ``batch_size`` items of the epoch's order and
         then, in the same order, one item of the same class for each (drawn with key ``draw_seed(seed,
         generation, epoch)``; possibly the item itself, as CS-KD's sampler), so batches are twice as large."""
-        if pairs and not self.train:
-            raise ValueError("pairs=True makes CS-KD training batches; these are evaluation batches (train=False)")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        order = self._order(seed, generation, epoch, pairs)
-        starts = range(0, len(order), batch_size)
-        cuts = [order[s:s + batch_size].t().reshape(-1) for s in starts]  # pairs: anchors, then partners
-        keys = [draw_seed(seed, generation, epoch, b) for b in range(len(cuts))] if self.augment else None
+        cuts, keys = self._cuts(batch_size, seed, generation, epoch, pairs)
         device_keys = self._to_device(torch.tensor(keys, dtype=torch.int64)) \
             if keys and self.device.type == "cuda" else None
         if self.resident:

@@ -36,8 +36,8 @@ from .processes import init_process_group  # noqa: F401  (re-exported)
 from .rundir import (CHECKPOINTS, RUN_FILES, CheckpointError, RunDir, RunExistsError, _snapshot,  # noqa: F401
                      _Writer, architecture_fingerprint, check_resumable, data_fingerprint, load_checkpoint,
                      run_identity, save_atomic)
-from .step import EagerStep, GraphStep, _fused_sgd_supported, _lr_lambda, _optimizer, use_graphs  # noqa: F401
-from .tasks import TASKS, headline_metric  # noqa: F401  (re-exported)
+from .step import EagerStep, GraphEval, GraphStep, _fused_sgd_supported, _lr_lambda, _optimizer, use_graphs  # noqa: F401
+from .tasks import TASKS, Classify, headline_metric  # noqa: F401  (re-exported)
 
 # the names users and tests import from here, wherever they live now (_Writer and _snapshot too, privately)
 __all__ = ["Evolution", "reset_generation_", "choose_run_masks_", "check_run_options", "Config", "ConfigError",
@@ -213,6 +213,8 @@ class Evolution:
         graphs = use_graphs(config.graphs, self.device, self.world)  # the step the loop calls (ke_fast.step)
         self._step = (GraphStep(self._forward_loss, config, self.device, self.amp) if graphs
                       else EagerStep(self._forward_loss, config, self.device))
+        # a classifier's evaluation graphed too (other tasks' evaluations have no top-k counts to sum)
+        self._eval_graph = GraphEval(self.device, self.amp) if graphs and isinstance(self.task, Classify) else None
         example = functools.cache(lambda: next(self._test.epoch(1))[0])  # one input, as the model sees it
         # layer-threshold forgetting: {layer: "keep" | "reset"}, fixed for the run (forward order)
         self._whole = None if config.reset_from is None else \
@@ -328,12 +330,11 @@ class Evolution:
         # dropout & co.: a function of (seed, generation, epoch) only (the seed of the epoch's batch order)
         torch.manual_seed(draw_seed(self.cfg.seed, g, epoch))
         net.train()
-        total, count = torch.zeros((), device=self.device), 0
+        total = torch.zeros((), device=self.device)
         self._bar.epoch(f"KE gen {g}/{self.cfg.generations} epoch {epoch + 1}/{self.cfg.epochs_in(g)}")
-        for x, y in self._train.epoch(self.cfg.batch_size, self.cfg.seed, g, epoch, pairs=self.task.pairs):
-            self._step(net, opt, sched, x, y, total)  # eager, or one CUDA graph replay (ke_fast.step)
-            count += len(y)
-            self._bar.update(len(y))
+        # eager, or one CUDA graph replay per batch, the batch making included (ke_fast.step)
+        count = self._step.train_epoch(net, opt, sched, self._train, self.cfg.batch_size, self.cfg.seed, g, epoch,
+                                       self.task.pairs, total, self._bar.update)
         mean = total.item() / max(1, count)
         self._bar.loss(mean)
         return mean
@@ -343,6 +344,10 @@ class Evolution:
         """The task's metrics of the model as it is (dense, or fit inside ``fit_only``) on ``data``, e.g. ``{"acc":
         top-1, "top5": top-5}``; default: the test set's and, prefixed ``val_``, the validation set's (if any)."""
         self.model.eval()
+        if data is None and self._eval_graph is not None and all(b.resident for b in (self._test, self._val) if b):
+            sets = (("", self._test), ("val_", self._val))  # the prefixes of Task.scores
+            return {prefix + k: v for prefix, b in sets if b is not None
+                    for k, v in self._eval_graph.accuracy(self._forward, self.model, b).items()}
         if data is None:
             sets = (("", self._test), ("val_", self._val))
             return self.task.scores(self._forward, {k: b.epoch(256) for k, b in sets if b is not None})

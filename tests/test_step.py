@@ -21,7 +21,8 @@ from ke_fast.convert import fit_only, reinit_, split
 from ke_fast.data import ImageSet
 from ke_fast.evolve import Config, ConfigError, Evolution, reset_generation_
 from ke_fast.models import SmallCNN
-from ke_fast.step import EagerStep, GraphStep, _load_in_place, refresh_, use_graphs
+from ke_fast.step import (EagerStep, GraphEval, GraphStep, _load_in_place, addresses, eval_body, refresh_, train_body,
+                          use_graphs)
 from ke_fast.tasks import TASKS
 
 CPU = torch.device("cpu")
@@ -105,6 +106,100 @@ def test_compiled_step_equals_eager():
     comp_p, comp_o = _run(2, CompileCounterWithBackend("aot_eager"))
     for a, b in zip(eager_p + eager_o, comp_p + comp_o):
         torch.testing.assert_close(b, a, rtol=RTOL, atol=ATOL)
+
+
+# ---- 2. the CPU proxy of the whole captured step: batch making from device tensors, forward, loss, backward -
+
+def _images(n: int = 8) -> ImageSet:
+    """A tiny training ImageSet (RGB 11 x 13 uint8, 3 classes, 6 x 6 views)."""
+    pixels = torch.randint(0, 256, (n, 3, 11, 13), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    return ImageSet.from_tensors(pixels, torch.arange(n) % 3, 6, True)
+
+
+def _train_graph_body(generations: int, epochs: int, counter_backend=None, data: ImageSet | None = None,
+                      device: torch.device = CPU, graphs: bool = False) -> tuple[list[torch.Tensor], list]:
+    """KE's training in miniature on augmented images (batch 4): per generation a fresh optimizer and
+    ``epochs`` epochs, then a reset. Eager (``EagerStep.train_epoch``, the reference), or ``train_body`` from
+    the epoch's device plan (compiled with ``fullgraph=True`` when ``counter_backend`` is given; with
+    ``graphs``: GraphStep). Returns the final parameters and each epoch's loss sum and the frames compiled
+    after each generation."""
+    cfg = Config(generations=generations, epochs=epochs, batch_size=4, warmup_epochs=0)
+    loss_of = TASKS["classify"](cfg).loss
+
+    def forward_loss(net, x, y):
+        return loss_of(net(x), y)
+
+    model, batches = _model(in_channels=3).to(device), Batches(data or _images(), device, True)
+    step = GraphStep(forward_loss, cfg, device, amp=False) if graphs else EagerStep(forward_loss, cfg, device)
+    body = train_body if counter_backend is None else torch.compile(train_body, fullgraph=True,
+                                                                    backend=counter_backend)
+    sums, frames = [], []
+    for g in range(1, generations + 1):
+        if g > 1:
+            reset_generation_(model, cfg, g)
+        opt, sched = step.optimizer(list(model.parameters()), batches.steps(4))
+        model.train()
+        for epoch in range(epochs):
+            total = torch.zeros((), device=device)
+            if counter_backend is None:
+                step.train_epoch(model, opt, sched, batches, 4, 3, g, epoch, False, total)
+            else:  # what GraphStep replays, the optimizer step outside (it breaks graphs on purpose)
+                plan, counter = batches.plan(4, 3, g, epoch), torch.zeros(1, dtype=torch.int64)
+                for size in plan.sizes:
+                    opt.zero_grad(set_to_none=True)
+                    body(forward_loss, model, batches, plan.order, plan.keys, counter, size, total)
+                    opt.step()
+                    sched.step()
+            sums.append(total.cpu())
+        frames.append(getattr(counter_backend, "frame_count", 0))
+    return [p.detach().cpu() for p in model.parameters()], sums + frames
+
+
+def test_train_body_with_batch_making_compiles_fullgraph_once_and_equals_eager():
+    """train_body (batch making from the epoch's device order and key tensors, the random-resized crop and
+    flip drawn from the key as a tensor, forward, loss, backward, the loss sum, the counter) compiles with
+    fullgraph=True (Tensor.backward traced: dynamo's trace_autograd_ops) into one frame, never again across
+    batches, epochs and generations: as many frames after generation 2 as after 4. Parameters and loss sums
+    equal the eager reference within rtol 1e-5, atol 1e-6 (the same kernels; a compiled backward may sum in
+    another order)."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    cc = CompileCounterWithBackend("eager")
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        comp_p, comp_o = _train_graph_body(4, 1, cc)
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    assert comp_o[-4:] == [1, 1, 1, 1], comp_o[-4:]  # frames after generations 1..4
+    eager_p, eager_o = _train_graph_body(4, 1)
+    for a, b in zip(eager_p + eager_o[:-4], comp_p + comp_o[:-4]):
+        torch.testing.assert_close(b, a, rtol=RTOL, atol=ATOL)
+
+
+def test_graphed_evaluation_compiles_fullgraph_and_counts_exactly():
+    """eval_body over an evaluation plan of chunks of 4 (10 test images: the last chunk padded with 2
+    positions, masked out) compiles with fullgraph=True, one frame for the dense and one for the fit
+    network, none more for a second generation; its top-1 / top-5 counts equal Classify.evaluate's exactly."""
+    n = 10
+    test = ImageSet.from_tensors(torch.randint(0, 256, (n, 3, 6, 6), generator=torch.Generator().manual_seed(1),
+                                               dtype=torch.uint8), torch.arange(n) % 3, 6, False)
+    batches, model, cfg = Batches(test, CPU, False), _model(in_channels=3).eval(), Config(generations=2)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    cc = CompileCounterWithBackend("eager")
+    body = torch.compile(eval_body, fullgraph=True, backend=cc)
+    plan = batches.eval_plan(4)
+    assert plan.sizes == [4, 4, 2] and plan.valid.sum() == n
+    for g in (1, 2):
+        if g > 1:
+            reset_generation_(model, cfg, g)
+        for fit in (False, True):
+            with fit_only(model) if fit else torch.no_grad(), torch.no_grad():
+                counter, counts = torch.zeros(1, dtype=torch.int64), torch.zeros(2, dtype=torch.int64)
+                for _ in plan.sizes:
+                    body(model, batches, plan.order, plan.valid, counter, counts)
+                eager = TASKS["classify"](cfg).evaluate(model, batches.epoch(4))
+            assert {"acc": counts[0].item() / n, "top5": counts[1].item() / n} == eager
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    assert cc.frame_count == 2
 
 
 # ---- GraphStep's optimizer semantics, proven on CPU -----------------------------------------------------

@@ -79,14 +79,16 @@ def eval_body(forward: Forward, batches: Batches, order: torch.Tensor, valid: to
 
 
 def addresses(net: nn.Module, masks: bool) -> tuple:
-    """What a captured forward of ``net`` depends on beyond its parameters (which GraphStep checks): each
-    masked layer's mode and, with ``masks``, its masks' addresses; every other buffer's address. A graph is
-    valid while this tuple is unchanged (read per epoch / evaluation, never per step)."""
+    """What a captured forward of ``net`` reads, as host values: each parameter's and buffer's address (with
+    ``masks``: the masked layers' mask buffers too), each masked layer's mode and fit group (whose launch
+    tables a fit-mode graph reads). A graph is valid while this tuple is unchanged: a tensor replaced by one at
+    the same address is read there. Read per epoch / evaluation, never per step."""
     out = []
     for m in net.modules():
         fit = "fit_mask" in m._buffers
         if fit:
-            out.append(getattr(m, "mode", None))
+            out.append((getattr(m, "mode", None), id(getattr(m, "_ke_group", None))))
+        out.extend(t.data_ptr() for t in m._parameters.values() if t is not None)
         out.extend((name, t.data_ptr()) for name, t in m._buffers.items()
                    if t is not None and (masks or not (fit and name in ("fit_mask", "bias_mask"))))
     return tuple(out)
@@ -144,6 +146,24 @@ def use_graphs(graphs: bool | None, device: torch.device, world: int) -> bool:
     if graphs and device.type != "cuda":
         raise ValueError(f"graphs=True needs a CUDA device (CUDA graphs), got {device}")
     return bool(graphs) and world == 1
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+
+
+def compile_mode(compile: bool | str, graphs: bool = False) -> str | None:
+    """The ``torch.compile`` mode of the training step's forward and loss: None (``compile`` False), "default"
+    (True) or the mode named; "reduce-overhead" (CUDA graphs recorded by the compiler) is the alternative to
+    ``graphs`` (one graph cannot be captured inside another): ValueError for both, or for an unknown mode."""
+    if compile is False or compile is None:
+        return None
+    mode = "default" if compile is True else compile
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile must be True, False or one of {COMPILE_MODES}, got {compile!r}")
+    if graphs and "cudagraphs" not in mode and mode != "default":
+        raise ValueError(f"compile mode {mode!r} records CUDA graphs itself: it cannot run inside graphs=True's "
+                         f"captured step (use one or the other)")
+    return mode
 
 
 class EagerStep:
@@ -362,7 +382,7 @@ class GraphEval:
         key = (id(net), id(batches), net.training, addresses(net, masks=True))
         if key not in self.graphs:
             self.graphs[key] = self._capture(forward, net, batches)
-        graph, (counter, counts, plan) = self.graphs[key]
+        graph, (counter, counts, plan, _) = self.graphs[key]
         counter.zero_()
         counts.zero_()
         for _ in plan.sizes:
@@ -389,4 +409,5 @@ class GraphEval:
         with torch.cuda.graph(graph):
             body()
         self.captures += 1
-        return graph, (counter, counts, plan)
+        groups = [m._ke_group for m in net.modules() if getattr(m, "_ke_group", None) is not None]
+        return graph, (counter, counts, plan, groups)  # the groups (their tables) live as long as the graph

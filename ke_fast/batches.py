@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
 
 from . import kernels as K
@@ -60,7 +61,7 @@ class _Items:
 
 @dataclass
 class EpochPlan:
-    """An epoch as device tensors (:meth:`Batches.plan`, :meth:`Batches.eval_plan`): ``order`` int64 [steps,
+    """An epoch as device tensors (:meth:`Batches.plan`, :func:`eval_plan`): ``order`` int64 [steps,
     width] (row b: batch b's positions, then padding), ``keys`` int64 [steps], ``sizes`` the length of each batch
     (host ints, known without reading the device), ``valid`` bool [steps, width] (evaluation plans)."""
     order: torch.Tensor
@@ -179,6 +180,44 @@ def _class_index(y: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
     except RuntimeError:  # negative labels
         return None
     return labels, torch.argsort(labels, stable=True), count, count.cumsum(0) - count
+
+
+def eval_plan(b: "Batches", chunk: int) -> EpochPlan:
+    """Every item of evaluation batches ``b`` (resident on the device) in order, in rows of ``chunk`` positions
+    (the last row padded with position 0): what a graphed evaluation reads; ``valid`` marks the real ones."""
+    if b.train or not b.resident:
+        raise ValueError("eval_plan needs evaluation batches (train=False) resident on the device")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    rows = math.ceil(len(b) / chunk)
+    flat = torch.arange(rows * chunk, dtype=torch.int64)
+    valid = flat < len(b)
+    order = torch.where(valid, flat, 0).view(rows, chunk)
+    sizes = [min(chunk, len(b) - r * chunk) for r in range(rows)]
+    return EpochPlan(b._to_device(order), b._to_device(torch.zeros(rows, dtype=torch.int64)), sizes,
+                     b._to_device(valid.view(rows, chunk)))
+
+
+def _gather_host(b: "Batches", pos: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Host data: the items ``pos`` copied out (pinned for CUDA); images as a compact store of their own."""
+    y = torch.empty(len(pos), dtype=b.y.dtype, pin_memory=b._pin)
+    torch.index_select(b.y, 0, pos, out=y)
+    if b.augment:
+        ids = b.items[pos]
+        offs, shapes = b.offsets[ids], b.shapes[ids]
+        sizes = 3 * shapes[:, 0] * shapes[:, 1]
+        pixels = torch.zeros(int(sizes.sum()) + A.tail_bytes(b.max_width), dtype=torch.uint8,
+                             pin_memory=b._pin)
+        start = 0
+        for o, n in zip(offs.tolist(), sizes.tolist()):
+            pixels[start:start + n] = b.pixels[o:o + n]
+            start += n
+        new_offs = sizes.cumsum(0) - sizes
+        return pixels, new_offs, shapes, torch.arange(len(pos)), y
+    ids = pos if b.items is None else b.items[pos]
+    x = torch.empty((len(ids), *b.x.shape[1:]), dtype=b.x.dtype, pin_memory=b._pin)
+    torch.index_select(b.x, 0, ids, out=x)
+    return x, y
 
 
 class Batches:
@@ -307,32 +346,14 @@ class Batches:
             raise ValueError("Batches.plan needs data resident on the device (device_fraction large enough)")
         cuts, keys = self._cuts(batch_size, seed, generation, epoch, pairs)
         sizes = [len(c) for c in cuts]
-        order = torch.zeros(len(cuts), max(sizes, default=0), dtype=torch.int64)
-        for b, c in enumerate(cuts):
-            order[b, :len(c)] = c
+        order = pad_sequence(cuts, batch_first=True) if cuts else torch.zeros(0, 0, dtype=torch.int64)  # 0-padded
         keys_t = torch.tensor(keys if keys is not None else [0] * len(cuts), dtype=torch.int64)
         return EpochPlan(self._to_device(order), self._to_device(keys_t), sizes)
 
-    def eval_plan(self, chunk: int) -> EpochPlan:
-        """Every item in order, in rows of ``chunk`` positions (the last row padded with position 0): what a
-        graphed evaluation reads; ``valid`` marks the real positions (resident data only)."""
-        if self.train or not self.resident:
-            raise ValueError("Batches.eval_plan needs evaluation batches (train=False) resident on the device")
-        if chunk < 1:
-            raise ValueError(f"chunk must be >= 1, got {chunk}")
-        rows = math.ceil(len(self) / chunk)
-        flat = torch.arange(rows * chunk, dtype=torch.int64)
-        valid = flat < len(self)
-        order = torch.where(valid, flat, 0).view(rows, chunk)
-        sizes = [min(chunk, len(self) - r * chunk) for r in range(rows)]
-        return EpochPlan(self._to_device(order), self._to_device(torch.zeros(rows, dtype=torch.int64)), sizes,
-                         self._to_device(valid.view(rows, chunk)))
-
     def make(self, positions: torch.Tensor, key: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, labels) of the items at device ``positions`` (resident data), augmented (training images)
-        with the key held by ``key`` (int64 [1] on the device): device ops only, no host read, so a CUDA graph
-        can capture it and torch.compile trace it. Equals :meth:`batch` / :meth:`epoch` for the same positions
-        and key (the CPU path draws with the key as a tensor: the same integer arithmetic)."""
+        """(inputs, labels) of the items at device ``positions`` (resident data), training images augmented with
+        the key in ``key`` (int64 [1] on the device): device ops only, no host read (a CUDA graph captures it),
+        equal to :meth:`epoch`'s batch of those items and key (the CPU path draws with the key as a tensor)."""
         g = self._gather(positions)
         if self.augment and key is None:
             raise ValueError("training images need their augmentation key (an int64 [1] device tensor)")
@@ -353,7 +374,7 @@ class Batches:
             bounds = [0, *itertools.accumulate(len(c) for c in cuts)]
             gathered = (self._gather(order[bounds[b]:bounds[b + 1]]) for b in range(len(cuts)))
         else:
-            gathered = _prefetch(cuts, self._gather_host, self.device)
+            gathered = _prefetch(cuts, lambda pos: _gather_host(self, pos), self.device)
         for b, g in enumerate(gathered):
             key = None if keys is None else (keys[b], None if device_keys is None else device_keys[b:b + 1])
             yield self._finish(g, key), g[-1]
@@ -363,7 +384,7 @@ class Batches:
         """The batch of the items at ``positions`` (int64 indices into the data set), augmented (training
         images) with the key of (seed, generation, epoch, batch): what :meth:`epoch` yields for those items."""
         positions = torch.as_tensor(positions, dtype=torch.int64)
-        g = self._gather(positions.to(self.device)) if self.resident else self._gather_host(positions)
+        g = self._gather(positions.to(self.device)) if self.resident else _gather_host(self, positions)
         if not self.resident:
             g = tuple(t.to(self.device) for t in g)
         key = draw_seed(seed, generation, epoch, batch)
@@ -377,27 +398,6 @@ class Batches:
             return self.pixels, self.offsets, self.shapes, self.items.index_select(0, pos), y
         ids = pos if self.items is None else self.items.index_select(0, pos)
         return self.x.index_select(0, ids), y
-
-    def _gather_host(self, pos: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Host data: the items ``pos`` copied out (pinned for CUDA); images as a compact store of their own."""
-        y = torch.empty(len(pos), dtype=self.y.dtype, pin_memory=self._pin)
-        torch.index_select(self.y, 0, pos, out=y)
-        if self.augment:
-            ids = self.items[pos]
-            offs, shapes = self.offsets[ids], self.shapes[ids]
-            sizes = 3 * shapes[:, 0] * shapes[:, 1]
-            pixels = torch.zeros(int(sizes.sum()) + A.tail_bytes(self.max_width), dtype=torch.uint8,
-                                 pin_memory=self._pin)
-            start = 0
-            for o, n in zip(offs.tolist(), sizes.tolist()):
-                pixels[start:start + n] = self.pixels[o:o + n]
-                start += n
-            new_offs = sizes.cumsum(0) - sizes
-            return pixels, new_offs, shapes, torch.arange(len(pos)), y
-        ids = pos if self.items is None else self.items[pos]
-        x = torch.empty((len(ids), *self.x.shape[1:]), dtype=self.x.dtype, pin_memory=self._pin)
-        torch.index_select(self.x, 0, ids, out=x)
-        return x, y
 
     def _finish(self, g: tuple[torch.Tensor, ...], key: tuple[int, torch.Tensor | None] | None) -> torch.Tensor:
         """Gathered items -> model inputs: training images cropped, resized, flipped and normalised (one Triton

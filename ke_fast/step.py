@@ -43,7 +43,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .batches import Batches, EpochPlan
+from .batches import Batches, eval_plan
 from .config import Config
 
 ForwardLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -67,8 +67,8 @@ def train_body(forward_loss: ForwardLoss, net: nn.Module, batches: Batches, orde
 
 def eval_body(forward: Forward, batches: Batches, order: torch.Tensor, valid: torch.Tensor,
               counter: torch.Tensor, counts: torch.Tensor) -> None:
-    """Chunk ``counter`` of an evaluation plan (:meth:`Batches.eval_plan`): forward, and the top-1 / top-5
-    hits of its valid positions added to ``counts`` (int64 [2]); ``counter`` += 1. The counts of
+    """Chunk ``counter`` of an evaluation plan (:func:`ke_fast.batches.eval_plan`): forward, and the top-1 /
+    top-5 hits of its valid positions added to ``counts`` (int64 [2]); ``counter`` += 1. The counts of
     ``ke_fast.tasks.Classify.evaluate``, padding masked out. What :class:`GraphEval` captures."""
     x, y = batches.make(order.index_select(0, counter).view(-1))
     ok = valid.index_select(0, counter).view(-1)
@@ -393,7 +393,7 @@ class GraphEval:
 
     def _capture(self, forward: Forward, net: nn.Module, batches: Batches) -> tuple:
         """Warm up on a side stream (evaluation changes no state but the counts), capture one chunk."""
-        plan = batches.eval_plan(self.chunk)  # kept with the graph: it reads these addresses
+        plan = eval_plan(batches, self.chunk)  # kept with the graph: it reads these addresses
         counter = torch.zeros(1, dtype=torch.int64, device=self.device)
         counts = torch.zeros(2, dtype=torch.int64, device=self.device)
 

@@ -270,7 +270,7 @@ def test_plan_and_make_are_the_epoch_bit_for_bit(pairs):
 
 def test_eval_plan_covers_every_item_once_padded_and_masked():
     b = Batches(_images(10, train=False), CPU, train=False)
-    plan = b.eval_plan(4)
+    plan = B.eval_plan(b, 4)
     assert plan.sizes == [4, 4, 2] and plan.order[plan.valid].tolist() == list(range(10))
     assert plan.valid.sum() == 10 and plan.order[~plan.valid].tolist() == [0, 0]
     x, y = b.make(plan.order[0])
@@ -285,8 +285,8 @@ def test_plan_make_and_eval_plan_refuse_what_they_cannot_do():
     with pytest.raises(ValueError, match="key"):
         train.make(torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="train=False"):
-        train.eval_plan(4)
+        B.eval_plan(train, 4)
     with pytest.raises(ValueError, match="chunk must be >= 1"):
-        Batches(_images(6, train=False), CPU, train=False).eval_plan(0)
+        B.eval_plan(Batches(_images(6, train=False), CPU, train=False), 0)
     with pytest.raises(ValueError, match="batch_size"):
         train.plan(0)

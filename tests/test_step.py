@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import TensorDataset
 
 from ke_fast import cli
-from ke_fast.batches import Batches
+from ke_fast.batches import Batches, eval_plan
 from ke_fast.convert import fit_only, reinit_, split
 from ke_fast.data import ImageSet
 from ke_fast.evolve import Config, ConfigError, Evolution, reset_generation_
@@ -187,7 +187,7 @@ def test_graphed_evaluation_compiles_fullgraph_and_counts_exactly():
     torch._dynamo.utils.counters.clear()
     cc = CompileCounterWithBackend("eager")
     body = torch.compile(eval_body, fullgraph=True, backend=cc)
-    plan = batches.eval_plan(4)
+    plan = eval_plan(batches, 4)
     assert plan.sizes == [4, 4, 2] and plan.valid.sum() == n
     for g in (1, 2):
         if g > 1:

@@ -169,7 +169,8 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     r.add_argument("--compile", action="store_true", help="torch.compile the training step")
     r.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
                    help="the torch.compile mode of --compile (implies it); reduce-overhead: CUDA graphs recorded by "
-                        "the compiler, the alternative to --graphs (not with it)")
+                        "the compiler, the alternative to --graphs (not with it) (default: none; --compile alone "
+                        "takes torch.compile's standard mode)")
     r.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="CUDA only: the training step as one captured CUDA graph (default: automatic, off for now)")
     r.add_argument("--no-progress", action="store_true",

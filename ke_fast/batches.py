@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
 
 from . import kernels as K
@@ -56,6 +57,17 @@ class _Items:
 
     def select(self, idx: torch.Tensor, labels: torch.Tensor | None = None) -> "_Items":
         return _Items(self.parts, self.part[idx], self.index[idx], self.labels[idx] if labels is None else labels)
+
+
+@dataclass
+class EpochPlan:
+    """An epoch as device tensors (:meth:`Batches.plan`, :func:`eval_plan`): ``order`` int64 [steps,
+    width] (row b: batch b's positions, then padding), ``keys`` int64 [steps], ``sizes`` the length of each batch
+    (host ints, known without reading the device), ``valid`` bool [steps, width] (evaluation plans)."""
+    order: torch.Tensor
+    keys: torch.Tensor
+    sizes: list[int]
+    valid: torch.Tensor | None = None
 
 
 def image_items(data: Dataset) -> _Items | None:
@@ -170,6 +182,44 @@ def _class_index(y: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
     return labels, torch.argsort(labels, stable=True), count, count.cumsum(0) - count
 
 
+def eval_plan(b: "Batches", chunk: int) -> EpochPlan:
+    """Every item of evaluation batches ``b`` (resident on the device) in order, in rows of ``chunk`` positions
+    (the last row padded with position 0): what a graphed evaluation reads; ``valid`` marks the real ones."""
+    if b.train or not b.resident:
+        raise ValueError("eval_plan needs evaluation batches (train=False) resident on the device")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    rows = math.ceil(len(b) / chunk)
+    flat = torch.arange(rows * chunk, dtype=torch.int64)
+    valid = flat < len(b)
+    order = torch.where(valid, flat, 0).view(rows, chunk)
+    sizes = [min(chunk, len(b) - r * chunk) for r in range(rows)]
+    return EpochPlan(b._to_device(order), b._to_device(torch.zeros(rows, dtype=torch.int64)), sizes,
+                     b._to_device(valid.view(rows, chunk)))
+
+
+def _gather_host(b: "Batches", pos: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Host data: the items ``pos`` copied out (pinned for CUDA); images as a compact store of their own."""
+    y = torch.empty(len(pos), dtype=b.y.dtype, pin_memory=b._pin)
+    torch.index_select(b.y, 0, pos, out=y)
+    if b.augment:
+        ids = b.items[pos]
+        offs, shapes = b.offsets[ids], b.shapes[ids]
+        sizes = 3 * shapes[:, 0] * shapes[:, 1]
+        pixels = torch.zeros(int(sizes.sum()) + A.tail_bytes(b.max_width), dtype=torch.uint8,
+                             pin_memory=b._pin)
+        start = 0
+        for o, n in zip(offs.tolist(), sizes.tolist()):
+            pixels[start:start + n] = b.pixels[o:o + n]
+            start += n
+        new_offs = sizes.cumsum(0) - sizes
+        return pixels, new_offs, shapes, torch.arange(len(pos)), y
+    ids = pos if b.items is None else b.items[pos]
+    x = torch.empty((len(ids), *b.x.shape[1:]), dtype=b.x.dtype, pin_memory=b._pin)
+    torch.index_select(b.x, 0, ids, out=x)
+    return x, y
+
+
 class Batches:
     """One data set as tensors, cut into batches on ``device``.
 
@@ -273,6 +323,42 @@ class Batches:
             return t.to(self.device)
         return t.pin_memory().to(self.device, non_blocking=True)
 
+    def _cuts(self, batch_size: int, seed: int, generation: int, epoch: int, pairs: bool
+              ) -> tuple[list[torch.Tensor], list[int] | None]:
+        """An epoch's batches as host positions (pairs: anchors, then partners) and, for augmented batches,
+        their keys ``draw_seed(seed, generation, epoch, b)``."""
+        if pairs and not self.train:
+            raise ValueError("pairs=True makes CS-KD training batches; these are evaluation batches (train=False)")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        order = self._order(seed, generation, epoch, pairs)
+        cuts = [order[s:s + batch_size].t().reshape(-1) for s in range(0, len(order), batch_size)]
+        keys = [draw_seed(seed, generation, epoch, b) for b in range(len(cuts))] if self.augment else None
+        return cuts, keys
+
+    def plan(self, batch_size: int, seed: int = 0, generation: int = 0, epoch: int = 0, pairs: bool = False
+             ) -> EpochPlan:
+        """The epoch of :meth:`epoch` as device tensors a captured graph reads (resident data only): row b of
+        ``order`` holds batch b's positions (``sizes[b]`` of them, the rest 0), ``keys[b]`` its augmentation
+        key (0 where batches are not augmented). :meth:`make` of row b's first ``sizes[b]`` positions and key b
+        is batch b of :meth:`epoch`. Two host-to-device copies, no host read."""
+        if not self.resident:
+            raise ValueError("Batches.plan needs data resident on the device (device_fraction large enough)")
+        cuts, keys = self._cuts(batch_size, seed, generation, epoch, pairs)
+        sizes = [len(c) for c in cuts]
+        order = pad_sequence(cuts, batch_first=True) if cuts else torch.zeros(0, 0, dtype=torch.int64)  # 0-padded
+        keys_t = torch.tensor(keys if keys is not None else [0] * len(cuts), dtype=torch.int64)
+        return EpochPlan(self._to_device(order), self._to_device(keys_t), sizes)
+
+    def make(self, positions: torch.Tensor, key: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, labels) of the items at device ``positions`` (resident data), training images augmented with
+        the key in ``key`` (int64 [1] on the device): device ops only, no host read (a CUDA graph captures it),
+        equal to :meth:`epoch`'s batch of those items and key (the CPU path draws with the key as a tensor)."""
+        g = self._gather(positions)
+        if self.augment and key is None:
+            raise ValueError("training images need their augmentation key (an int64 [1] device tensor)")
+        return self._finish(g, None if key is None else (key, key)), g[-1]
+
     def epoch(self, batch_size: int, seed: int = 0, generation: int = 0, epoch: int = 0, pairs: bool = False
               ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The batches (inputs, labels) of one epoch on the device, ready for the model.
@@ -280,14 +366,7 @@ class Batches:
         ``pairs`` (training only; CS-KD): each batch holds up to ``batch_size`` items of the epoch's order and
         then, in the same order, one item of the same class for each (drawn with key ``draw_seed(seed,
         generation, epoch)``; possibly the item itself, as CS-KD's sampler), so batches are twice as large."""
-        if pairs and not self.train:
-            raise ValueError("pairs=True makes CS-KD training batches; these are evaluation batches (train=False)")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        order = self._order(seed, generation, epoch, pairs)
-        starts = range(0, len(order), batch_size)
-        cuts = [order[s:s + batch_size].t().reshape(-1) for s in starts]  # pairs: anchors, then partners
-        keys = [draw_seed(seed, generation, epoch, b) for b in range(len(cuts))] if self.augment else None
+        cuts, keys = self._cuts(batch_size, seed, generation, epoch, pairs)
         device_keys = self._to_device(torch.tensor(keys, dtype=torch.int64)) \
             if keys and self.device.type == "cuda" else None
         if self.resident:
@@ -295,7 +374,7 @@ class Batches:
             bounds = [0, *itertools.accumulate(len(c) for c in cuts)]
             gathered = (self._gather(order[bounds[b]:bounds[b + 1]]) for b in range(len(cuts)))
         else:
-            gathered = _prefetch(cuts, self._gather_host, self.device)
+            gathered = _prefetch(cuts, lambda pos: _gather_host(self, pos), self.device)
         for b, g in enumerate(gathered):
             key = None if keys is None else (keys[b], None if device_keys is None else device_keys[b:b + 1])
             yield self._finish(g, key), g[-1]
@@ -305,7 +384,7 @@ class Batches:
         """The batch of the items at ``positions`` (int64 indices into the data set), augmented (training
         images) with the key of (seed, generation, epoch, batch): what :meth:`epoch` yields for those items."""
         positions = torch.as_tensor(positions, dtype=torch.int64)
-        g = self._gather(positions.to(self.device)) if self.resident else self._gather_host(positions)
+        g = self._gather(positions.to(self.device)) if self.resident else _gather_host(self, positions)
         if not self.resident:
             g = tuple(t.to(self.device) for t in g)
         key = draw_seed(seed, generation, epoch, batch)
@@ -319,27 +398,6 @@ class Batches:
             return self.pixels, self.offsets, self.shapes, self.items.index_select(0, pos), y
         ids = pos if self.items is None else self.items.index_select(0, pos)
         return self.x.index_select(0, ids), y
-
-    def _gather_host(self, pos: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Host data: the items ``pos`` copied out (pinned for CUDA); images as a compact store of their own."""
-        y = torch.empty(len(pos), dtype=self.y.dtype, pin_memory=self._pin)
-        torch.index_select(self.y, 0, pos, out=y)
-        if self.augment:
-            ids = self.items[pos]
-            offs, shapes = self.offsets[ids], self.shapes[ids]
-            sizes = 3 * shapes[:, 0] * shapes[:, 1]
-            pixels = torch.zeros(int(sizes.sum()) + A.tail_bytes(self.max_width), dtype=torch.uint8,
-                                 pin_memory=self._pin)
-            start = 0
-            for o, n in zip(offs.tolist(), sizes.tolist()):
-                pixels[start:start + n] = self.pixels[o:o + n]
-                start += n
-            new_offs = sizes.cumsum(0) - sizes
-            return pixels, new_offs, shapes, torch.arange(len(pos)), y
-        ids = pos if self.items is None else self.items[pos]
-        x = torch.empty((len(ids), *self.x.shape[1:]), dtype=self.x.dtype, pin_memory=self._pin)
-        torch.index_select(self.x, 0, ids, out=x)
-        return x, y
 
     def _finish(self, g: tuple[torch.Tensor, ...], key: tuple[int, torch.Tensor | None] | None) -> torch.Tensor:
         """Gathered items -> model inputs: training images cropped, resized, flipped and normalised (one Triton

@@ -28,6 +28,7 @@ from .models import check_model, model_names, model_options
 from .rundir import CheckpointWarning, RunDir, RunExistsError, StudyDir
 from .runner import (VECTOR_DATASETS, VECTOR_MODELS, _build, _config, _data_and_model, _error,  # noqa: F401
                      _identity, _interrupted, _resume_command, _run, _run_options, _study_seeds)
+from .step import COMPILE_MODES, compile_mode
 from .study import BASELINES
 from .tasks import TASKS, Task
 from .variants import MASK_CRITERIA, layers_matching
@@ -166,6 +167,10 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                    help="keep a data set on the GPU when it takes at most this fraction of its memory (0: never); "
                         "else pinned host memory with prefetching")
     r.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    r.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
+                   help="the torch.compile mode of --compile (implies it); reduce-overhead: CUDA graphs recorded by "
+                        "the compiler, the alternative to --graphs (not with it) (default: none; --compile alone "
+                        "takes torch.compile's standard mode)")
     r.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="CUDA only: the training step as one captured CUDA graph (default: automatic, off for now)")
     r.add_argument("--no-progress", action="store_true",
@@ -313,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
         r.error(str(exc))
     if args.graphs and not device.startswith("cuda"):
         r.error(f"--graphs applies to CUDA devices only (CUDA graphs), got --device {device}")
+    try:
+        compile_mode(args.compile_mode or False, bool(args.graphs))
+    except ValueError as exc:
+        r.error(f"--compile-mode {args.compile_mode} with --graphs: {exc}")
     if args.no_amp and not device.startswith("cuda"):
         r.error(f"--no-amp applies to CUDA devices only: bf16 autocast is never on for --device {device}")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -36,8 +36,9 @@ from .processes import init_process_group  # noqa: F401  (re-exported)
 from .rundir import (CHECKPOINTS, RUN_FILES, CheckpointError, RunDir, RunExistsError, _snapshot,  # noqa: F401
                      _Writer, architecture_fingerprint, check_resumable, data_fingerprint, load_checkpoint,
                      run_identity, save_atomic)
-from .step import EagerStep, GraphStep, _fused_sgd_supported, _lr_lambda, _optimizer, use_graphs  # noqa: F401
-from .tasks import TASKS, headline_metric  # noqa: F401  (re-exported)
+from .step import (EagerStep, GraphEval, GraphStep, _fused_sgd_supported, _lr_lambda, _optimizer,  # noqa: F401
+                   compile_mode, use_graphs)
+from .tasks import TASKS, Classify, headline_metric  # noqa: F401  (re-exported)
 
 # the names users and tests import from here, wherever they live now (_Writer and _snapshot too, privately)
 __all__ = ["Evolution", "reset_generation_", "choose_run_masks_", "check_run_options", "Config", "ConfigError",
@@ -189,7 +190,8 @@ class Evolution:
             the data's and the architecture's sizes and fingerprints; a resume must match them all.
         checkpoint_every: minutes between checkpoints in a generation (0: every epoch; each generation ends
             with one). device_fraction: keep a data set on a CUDA device up to this fraction of its memory.
-        compile: ``torch.compile`` the training step. val_set: a validation split (``val_`` metrics; val_every).
+        compile: ``torch.compile`` the training step's forward and loss: True (default mode) or a mode name
+            (``ke_fast.step.COMPILE_MODES``; "reduce-overhead": not with ``graphs``). val_set: a validation split (``val_`` metrics; val_every).
 
     :meth:`run` sets ``start``, the (generation, epoch) it started from (past ``config.generations`` for a
     finished run); ``saved`` is the (generation, epoch) of the last checkpoint written (None before one).
@@ -198,10 +200,11 @@ class Evolution:
     def __init__(self, model: nn.Module, train_set: Dataset, test_set: Dataset, config: Config,
                  out_dir: str | Path, device: str | torch.device | None = None, progress: bool | None = None,
                  log: Callable[[str], None] = print, identity: dict[str, Any] | None = None,
-                 checkpoint_every: float = 10.0, device_fraction: float = 0.5, compile: bool = False,
+                 checkpoint_every: float = 10.0, device_fraction: float = 0.5, compile: bool | str = False,
                  val_set: Dataset | None = None) -> None:
         self.cfg = config.validate()
         check_run_options(checkpoint_every, device_fraction)
+        compile_mode(compile)  # an unknown mode: refused before any work
         _check_data(train_set, test_set)
         self.task = TASKS[config.task](config)
         self.task.check_data(train_set, test_set)
@@ -221,10 +224,13 @@ class Evolution:
         self._test = Batches(test_set, self.device, False, device_fraction, channels_last=self.channels_last)
         self._val = None if val_set is None else \
             Batches(val_set, self.device, False, device_fraction, channels_last=self.channels_last)
-        self._forward_loss = torch.compile(self._forward_loss_eager) if compile else self._forward_loss_eager
         graphs = use_graphs(config.graphs, self.device, self.world)  # the step the loop calls (ke_fast.step)
+        mode = compile_mode(compile, graphs)  # "reduce-overhead": the compiler's CUDA graphs, the other contender
+        self._forward_loss = torch.compile(self._forward_loss_eager, mode=mode) if mode else self._forward_loss_eager
         self._step = (GraphStep(self._forward_loss, config, self.device, self.amp) if graphs
                       else EagerStep(self._forward_loss, config, self.device))
+        # a classifier's evaluation graphed too (other tasks' evaluations have no top-k counts to sum)
+        self._eval_graph = GraphEval(self.device, self.amp) if graphs and isinstance(self.task, Classify) else None
         example = functools.cache(lambda: next(self._test.epoch(1))[0])  # one input, as the model sees it
         # layer-threshold forgetting: {layer: "keep" | "reset"}, fixed for the run (forward order)
         self._whole = None if config.reset_from is None else \
@@ -342,12 +348,11 @@ class Evolution:
         # dropout & co.: a function of (seed, generation, epoch) only (the seed of the epoch's batch order)
         torch.manual_seed(draw_seed(self.cfg.seed, g, epoch))
         net.train()
-        total, count = torch.zeros((), device=self.device), 0
+        total = torch.zeros((), device=self.device)
         self._bar.epoch(f"KE gen {g}/{self.cfg.generations} epoch {epoch + 1}/{self.cfg.epochs_in(g)}")
-        for x, y in self._train.epoch(self.cfg.batch_size, self.cfg.seed, g, epoch, pairs=self.task.pairs):
-            self._step(net, opt, sched, x, y, total)  # eager, or one CUDA graph replay (ke_fast.step)
-            count += len(y)
-            self._bar.update(len(y))
+        # eager, or one CUDA graph replay per batch, the batch making included (ke_fast.step)
+        count = self._step.train_epoch(net, opt, sched, self._train, self.cfg.batch_size, self.cfg.seed, g, epoch,
+                                       self.task.pairs, total, self._bar.update)
         mean = total.item() / max(1, count)
         self._bar.loss(mean)
         return mean
@@ -357,6 +362,10 @@ class Evolution:
         """The task's metrics of the model as it is (dense, or fit inside ``fit_only``) on ``data``, e.g. ``{"acc":
         top-1, "top5": top-5}``; default: the test set's and, prefixed ``val_``, the validation set's (if any)."""
         self.model.eval()
+        if data is None and self._eval_graph is not None and all(b.resident for b in (self._test, self._val) if b):
+            sets = (("", self._test), ("val_", self._val))  # the prefixes of Task.scores
+            return {prefix + k: v for prefix, b in sets if b is not None
+                    for k, v in self._eval_graph.accuracy(self._forward, self.model, b).items()}
         if data is None:
             sets = (("", self._test), ("val_", self._val))
             return self.task.scores(self._forward, {k: b.epoch(256) for k, b in sets if b is not None})

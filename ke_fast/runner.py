@@ -92,7 +92,8 @@ def _identity(args: argparse.Namespace) -> dict:
 
 def _run_options(args: argparse.Namespace) -> dict:
     """The Evolution keywords of the run options that are not part of the Config (how, not what, it trains)."""
-    return dict(checkpoint_every=args.checkpoint_every, device_fraction=args.data_on_device, compile=args.compile)
+    return dict(checkpoint_every=args.checkpoint_every, device_fraction=args.data_on_device,
+                compile=args.compile_mode or args.compile)
 
 
 def _data_and_model(args: argparse.Namespace, seed: int) -> tuple[torch.nn.Module, Dataset, Dataset, Dataset | None]:

@@ -1,23 +1,39 @@
 """The training step the generation loop calls once per batch: eager everywhere, one captured CUDA graph on CUDA.
 
-:class:`EagerStep` is the reference: forward and loss (the Task's), ``zero_grad``, backward, SGD step, the
-schedule's step and the on-device loss sum; a fresh SGD per generation. :class:`GraphStep` (CUDA only) runs
-the same work as one ``torch.cuda.CUDAGraph`` replay per batch:
+:class:`EagerStep` is the reference: batch making (``ke_fast.batches``), forward and loss (the Task's),
+``zero_grad``, backward, SGD step, the schedule's step and the on-device loss sum; a fresh SGD per generation.
+:class:`GraphStep` (CUDA only) runs the same work as one ``torch.cuda.CUDAGraph`` replay per batch:
 
-* static buffers: the batch is copied into a static input / label pair (device to device, no host sync);
-  forward, loss, backward, the fused SGD step and the loss sum are captured once per (model, batch shape).
+* batch making is inside the graph (data resident on the device): each epoch, the epoch's order (int64
+  [steps, batch]: row b holds batch b's positions, the last row padded) and the augmentation keys of its
+  batches (``draw_seed(seed, generation, epoch, b)``, int64 [steps]) are copied into static device tensors,
+  and a device batch counter is zeroed; one replay reads row ``counter`` and key ``counter``, gathers, crops,
+  flips, normalises and casts (the fused Triton kernel reads the key from device memory), runs forward, loss,
+  backward, the fused SGD step, adds the loss times the batch size to a device sum and increments the counter
+  (:func:`train_body` plus the optimizer step). The batches are the eager path's, bit for bit: the same order,
+  the same keys, the same kernel. Host-resident data (too large for the device) keep the copy of each
+  prefetched batch into a static input pair instead.
 * the learning rate lives in a device tensor (``SGD(lr=tensor, fused=True)``; LambdaLR ``fill_``\\ s it), so
   the schedule never re-captures.
 * one SGD object for the whole run: a generation's "fresh optimizer" zeroes the momentum buffers in place
   (SGD's first step sets ``buf = grad``; with dampening 0, ``0 * momentum + grad`` is the same value), and a
   resume copies the saved state into the captured buffers, so the graph's addresses stay valid across
-  generations; the reset and new masks write the parameters in place too.
-* warm-up on a side stream changes nothing: parameters, buffers, optimizer state and the RNG are restored.
-* the last partial batch of an epoch is a second shape: captured once as well (at most two graphs per run),
-  so every sample of the epoch is seen, as eagerly.
+  generations; the reset and new masks write the parameters in place too (dense training reads no mask).
+* warm-up on a side stream changes nothing: parameters, buffers, optimizer state, counter, sum and the RNG
+  are restored.
+* the last partial batch of an epoch is a second shape, captured once as well (at most two training graphs
+  per run), so every sample of the epoch is seen, as eagerly (padding and masking it would change BatchNorm's
+  batch statistics: not the eager result). A graph is captured again only if an address it reads changed
+  (a layer's mode, a buffer replaced).
 
-Not yet inside the graph: batch making (gather, crop, flip, normalise: ``ke_fast.batches``, device ops with no
-host read) runs before the copy into the static input, and evaluation runs eagerly. DDP runs eagerly.
+:class:`GraphEval` (CUDA only) graphs the classifier's evaluation of N_g and H^F_g the same way: static chunks
+of ``EVAL_CHUNK`` positions (the last one padded, its padding masked out of the counts), top-1 / top-5 counts
+summed on the device and read once (:func:`eval_body`). Fit mode computes W*M inside the graph (its cache is
+dropped before the capture); a replaced fit mask (WELS ``resample_mask``, chosen masks) is a new address: the
+fit graph is captured again then.
+
+Not inside the graph: the schedule's ``fill_`` of the learning rate (one host call per step, no read), the
+other tasks' evaluation (metric, regression: eager) and DDP (eager).
 """
 from __future__ import annotations
 
@@ -27,10 +43,65 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .batches import Batches, eval_plan
 from .config import Config
 
 ForwardLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+Forward = Callable[[torch.Tensor], torch.Tensor]
 WARMUP_STEPS = 3  # side-stream iterations before a capture (cuDNN / cuBLAS workspaces, autotuning)
+EVAL_CHUNK = 256  # positions per graphed evaluation replay (Evolution.evaluate's eager batch size too)
+
+
+def train_body(forward_loss: ForwardLoss, net: nn.Module, batches: Batches, order: torch.Tensor,
+               keys: torch.Tensor, counter: torch.Tensor, size: int, total: torch.Tensor) -> None:
+    """Batch ``counter`` of an epoch plan (:meth:`Batches.plan`, in static tensors): its first ``size``
+    positions of row ``counter`` of ``order`` made into a batch with key ``keys[counter]``, forward, loss,
+    backward; ``total`` += loss * batch size; ``counter`` += 1. Device ops only: what :class:`GraphStep`
+    captures (with the optimizer step) and what the CPU proxy compiles with ``fullgraph=True``."""
+    x, y = batches.make(order.index_select(0, counter).view(-1)[:size], keys.index_select(0, counter))
+    loss = forward_loss(net, x, y)
+    loss.backward()
+    total.add_(loss.detach() * size)
+    counter.add_(1)
+
+
+def eval_body(forward: Forward, batches: Batches, order: torch.Tensor, valid: torch.Tensor,
+              counter: torch.Tensor, counts: torch.Tensor) -> None:
+    """Chunk ``counter`` of an evaluation plan (:func:`ke_fast.batches.eval_plan`): forward, and the top-1 /
+    top-5 hits of its valid positions added to ``counts`` (int64 [2]); ``counter`` += 1. The counts of
+    ``ke_fast.tasks.Classify.evaluate``, padding masked out. What :class:`GraphEval` captures."""
+    x, y = batches.make(order.index_select(0, counter).view(-1))
+    ok = valid.index_select(0, counter).view(-1)
+    out = forward(x)
+    hit = out.topk(min(5, out.shape[1]), 1).indices == y[:, None]
+    counts.add_(torch.stack([(hit[:, 0] & ok).sum(), (hit.any(1) & ok).sum()]))
+    counter.add_(1)
+
+
+def addresses(net: nn.Module, masks: bool) -> tuple:
+    """What a captured forward of ``net`` reads, as host values: each parameter's and buffer's address (with
+    ``masks``: the masked layers' mask buffers too), each masked layer's mode and fit group (whose launch
+    tables a fit-mode graph reads). A graph is valid while this tuple is unchanged: a tensor replaced by one at
+    the same address is read there. Read per epoch / evaluation, never per step."""
+    out = []
+    for m in net.modules():
+        fit = "fit_mask" in m._buffers
+        if fit:
+            out.append((getattr(m, "mode", None), id(getattr(m, "_ke_group", None))))
+        out.extend(t.data_ptr() for t in m._parameters.values() if t is not None)
+        out.extend((name, t.data_ptr()) for name, t in m._buffers.items()
+                   if t is not None and (masks or not (fit and name in ("fit_mask", "bias_mask"))))
+    return tuple(out)
+
+
+def _side_warm_up(body: Callable[[], Any], device: torch.device) -> None:
+    """``body`` WARMUP_STEPS times on a side stream (torch.cuda.graphs' recipe), then the current stream waits."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(WARMUP_STEPS):
+            body()
+    torch.cuda.current_stream(device).wait_stream(side)
 
 
 def _lr_lambda(cfg: Config, steps_per_epoch: int, generation: int = 1) -> Callable[[int], float]:
@@ -77,6 +148,24 @@ def use_graphs(graphs: bool | None, device: torch.device, world: int) -> bool:
     return bool(graphs) and world == 1
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+
+
+def compile_mode(compile: bool | str, graphs: bool = False) -> str | None:
+    """The ``torch.compile`` mode of the training step's forward and loss: None (``compile`` False), "default"
+    (True) or the mode named; "reduce-overhead" (CUDA graphs recorded by the compiler) is the alternative to
+    ``graphs`` (one graph cannot be captured inside another): ValueError for both, or for an unknown mode."""
+    if compile is False or compile is None:
+        return None
+    mode = "default" if compile is True else compile
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile must be True, False or one of {COMPILE_MODES}, got {compile!r}")
+    if graphs and "cudagraphs" not in mode and mode != "default":
+        raise ValueError(f"compile mode {mode!r} records CUDA graphs itself: it cannot run inside graphs=True's "
+                         f"captured step (use one or the other)")
+    return mode
+
+
 class EagerStep:
     """One training step, eagerly: ``step(net, opt, sched, x, y, total)`` adds ``loss * len(y)`` to the
     device tensor ``total`` and reads nothing back to the host.
@@ -103,6 +192,18 @@ class EagerStep:
         opt.step()
         sched.step()
         total += loss.detach() * len(y)
+
+    def train_epoch(self, net: nn.Module, opt: torch.optim.SGD, sched: Any, batches: Batches, batch_size: int,
+                    seed: int, generation: int, epoch: int, pairs: bool, total: torch.Tensor,
+                    on_batch: Callable[[int], None] = lambda n: None) -> int:
+        """One epoch of ``batches.epoch(batch_size, seed, generation, epoch, pairs)``, a step per batch; the
+        loss sum is added to ``total``; ``on_batch(len(y))`` after each step. Returns the samples seen."""
+        count = 0
+        for x, y in batches.epoch(batch_size, seed, generation, epoch, pairs=pairs):
+            self(net, opt, sched, x, y, total)
+            count += len(y)
+            on_batch(len(y))
+        return count
 
 
 def _load_in_place(opt: torch.optim.SGD, state: dict) -> None:
@@ -147,7 +248,8 @@ class GraphStep(EagerStep):
         super().__init__(forward_loss, cfg, device)
         self.amp = amp
         self.opt: torch.optim.SGD | None = None
-        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Any]] = {}
+        self.statics: dict[tuple, tuple[torch.Tensor, ...]] = {}  # (order, keys, counter, total) per plan shape
         self.captures = 0
 
     def optimizer(self, params: list[nn.Parameter], steps_per_epoch: int, opt_state: dict | None = None,
@@ -170,29 +272,27 @@ class GraphStep(EagerStep):
             sched.load_state_dict(sched_state)
         return self.opt, sched
 
-    def _eager_body(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _forward_loss_amp(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp, cache_enabled=False):
-            loss = self.forward_loss(net, x, y)
-        loss.backward()
-        self.opt.step()
-        return loss.detach() * len(y)
+            return self.forward_loss(net, x, y)
 
-    def _capture(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple:
-        """Warm up on a side stream (then restore every state it touched) and capture one step."""
+    def _capture(self, net: nn.Module, body: Callable[[], Any], after: Callable[[], None]) -> tuple:
+        """Warm up ``body`` (one step) on a side stream, restore every state it touched (then ``after()``),
+        and capture one step: (graph, what the captured ``body`` returned)."""
         opt = self.opt
         params = [p for g in opt.param_groups for p in g["params"]]
         saved = [t.detach().clone() for t in (*params, *net.buffers())]
         saved_opt = [(s, s["momentum_buffer"].clone()) for s in opt.state.values()
                      if s.get("momentum_buffer") is not None]
         rng = torch.cuda.get_rng_state(self.device)
-        sx, sy = x.clone(), y.clone()
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_STEPS):
-                opt.zero_grad(set_to_none=True)
-                self._eager_body(net, sx, sy)
-        torch.cuda.current_stream(self.device).wait_stream(side)
+
+        def step() -> Any:
+            opt.zero_grad(set_to_none=True)
+            out = body()
+            opt.step()
+            return out
+
+        _side_warm_up(step, self.device)
         with torch.no_grad():
             for t, v in zip((*params, *net.buffers()), saved):
                 t.copy_(v)
@@ -202,22 +302,112 @@ class GraphStep(EagerStep):
             for s in opt.state.values():  # buffers made by the warm-up's first step: a fresh optimizer's zeros
                 if id(s) not in kept and s.get("momentum_buffer") is not None:
                     s["momentum_buffer"].zero_()
+            after()
         graph = torch.cuda.CUDAGraph()
         opt.zero_grad(set_to_none=True)  # the graph's backward allocates the gradients in its pool
         with torch.cuda.graph(graph):
-            out = self._eager_body(net, sx, sy)
+            body_out = body()
+            opt.step()
         torch.cuda.set_rng_state(rng, self.device)
         self.captures += 1
-        return graph, sx, sy, out
+        return graph, body_out
 
     def __call__(self, net: nn.Module, opt: torch.optim.SGD, sched: Any, x: torch.Tensor, y: torch.Tensor,
                  total: torch.Tensor) -> None:
-        key = (id(net), tuple(x.shape), x.dtype, tuple(y.shape), y.dtype, x.is_contiguous(), net.training)
+        """One step of a batch made outside (host-resident data): copied into a static input pair, replayed."""
+        key = ("batch", id(net), tuple(x.shape), x.dtype, tuple(y.shape), y.dtype, x.is_contiguous(), net.training,
+               addresses(net, masks=False))
         if key not in self.graphs:
-            self.graphs[key] = self._capture(net, x, y)
-        graph, sx, sy, out = self.graphs[key]
+            sx, sy = x.clone(), y.clone()
+            graph, out = self._capture(net, lambda: self._forward_loss_amp(net, sx, sy).detach() * len(sy),
+                                       lambda: None)
+            self.graphs[key] = graph, (sx, sy, out)
+        graph, (sx, sy, out) = self.graphs[key]
         sx.copy_(x)
         sy.copy_(y)
         graph.replay()
         sched.step()  # fills the learning rate tensor: no re-capture
         total += out
+
+    def train_epoch(self, net: nn.Module, opt: torch.optim.SGD, sched: Any, batches: Batches, batch_size: int,
+                    seed: int, generation: int, epoch: int, pairs: bool, total: torch.Tensor,
+                    on_batch: Callable[[int], None] = lambda n: None) -> int:
+        """One epoch, a replay per batch with the batch making inside the graph (resident data; else the
+        static-input path of :meth:`__call__`). Same contract as :meth:`EagerStep.train_epoch`."""
+        if not batches.resident:
+            return super().train_epoch(net, opt, sched, batches, batch_size, seed, generation, epoch, pairs, total,
+                                       on_batch)
+        plan = batches.plan(batch_size, seed, generation, epoch, pairs)
+        shape = (id(batches), *plan.order.shape)
+        if shape not in self.statics:
+            self.statics[shape] = (torch.empty_like(plan.order), torch.empty_like(plan.keys),
+                                   torch.zeros(1, dtype=torch.int64, device=self.device),
+                                   torch.zeros((), device=self.device))
+        order, keys, counter, sums = self.statics[shape]
+        order.copy_(plan.order)
+        keys.copy_(plan.keys)
+        where = (id(net), shape, net.training, addresses(net, masks=False))
+        for size in set(plan.sizes):
+            if (where, size) not in self.graphs:
+                self.graphs[where, size] = self._capture(
+                    net, lambda size=size: train_body(self._forward_loss_amp, net, batches, order, keys, counter,
+                                                      size, sums),
+                    lambda: (counter.zero_(), sums.zero_()))
+        counter.zero_()
+        sums.zero_()
+        for size in plan.sizes:
+            self.graphs[where, size][0].replay()
+            sched.step()  # fills the learning rate tensor: no re-capture
+            on_batch(size)
+        total += sums
+        return sum(plan.sizes)
+
+
+class GraphEval:
+    """A classifier's top-1 / top-5 evaluation as one CUDA graph replay per chunk of ``EVAL_CHUNK`` positions
+    (see the module docstring); CUDA only. ``amp``: bf16 autocast (cast cache off) around the forward.
+    ``captures`` counts the graphs captured."""
+
+    def __init__(self, device: torch.device, amp: bool, chunk: int = EVAL_CHUNK) -> None:
+        if device.type != "cuda":
+            raise ValueError(f"GraphEval needs a CUDA device, got {device}")
+        self.device, self.amp, self.chunk = device, amp, chunk
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = {}
+        self.captures = 0
+
+    def accuracy(self, forward: Forward, net: nn.Module, batches: Batches) -> dict[str, float]:
+        """``{"acc": top-1, "top5": top-5}`` of ``forward`` (``net``, in eval mode, computes it) over every item
+        of ``batches`` (evaluation batches resident on the device), read from the device once: the values of
+        ``ke_fast.tasks.Classify.evaluate``."""
+        key = (id(net), id(batches), net.training, addresses(net, masks=True))
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(forward, net, batches)
+        graph, (counter, counts, plan, _) = self.graphs[key]
+        counter.zero_()
+        counts.zero_()
+        for _ in plan.sizes:
+            graph.replay()
+        top1, top5 = counts.tolist()  # the one host read
+        n = len(batches)
+        return {"acc": top1 / max(1, n), "top5": top5 / max(1, n)}
+
+    def _capture(self, forward: Forward, net: nn.Module, batches: Batches) -> tuple:
+        """Warm up on a side stream (evaluation changes no state but the counts), capture one chunk."""
+        plan = eval_plan(batches, self.chunk)  # kept with the graph: it reads these addresses
+        counter = torch.zeros(1, dtype=torch.int64, device=self.device)
+        counts = torch.zeros(2, dtype=torch.int64, device=self.device)
+
+        def body() -> None:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp, cache_enabled=False):
+                eval_body(forward, batches, plan.order, plan.valid, counter, counts)
+
+        _side_warm_up(body, self.device)  # fit mode: makes the W*M launch tables, kept by the layers' FitGroup
+        for m in net.modules():  # fit mode: W*M computed inside the graph, not read from a cache made before it
+            if hasattr(m, "_drop_fit_caches"):
+                m._drop_fit_caches()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            body()
+        self.captures += 1
+        groups = [m._ke_group for m in net.modules() if getattr(m, "_ke_group", None) is not None]
+        return graph, (counter, counts, plan, groups)  # the groups (their tables) live as long as the graph

@@ -242,3 +242,51 @@ def test_cuda_batches_match_the_cpu_path(channels_last):
         assert torch.equal(y, yg.cpu()) and torch.allclose(x, xg.cpu(), atol=1e-4)
     e, eg = (next(Batches(data, d, False).epoch(10))[0] for d in (CPU, torch.device("cuda")))
     assert torch.allclose(e, eg.cpu(), atol=1e-6)
+
+
+# ---- the epoch as device tensors: what a captured step reads (ke_fast.step.GraphStep) -----------------
+
+def _rows_of(b: Batches, plan) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every batch of a plan made by Batches.make from its row and its key as a tensor, as a graph does."""
+    return [b.make(plan.order[r, :size], plan.keys[r:r + 1] if b.augment else None)
+            for r, size in enumerate(plan.sizes)]
+
+
+@pytest.mark.parametrize("pairs", [False, True])
+def test_plan_and_make_are_the_epoch_bit_for_bit(pairs):
+    """Batches.make of each row of Batches.plan (positions and the key as device tensors; 10 items in batches
+    of 4: the last one partial, padded in its row) equals Batches.epoch's batch bit for bit: the same
+    order, CS-KD partners and crops and flips drawn from the tensor key as from the host int."""
+    b = Batches(_images(10), CPU, train=True)
+    plan = b.plan(4, 7, 2, 3, pairs)
+    width = 8 if pairs else 4
+    assert plan.sizes == [width, width, width // 2] and tuple(plan.order.shape) == (3, width)
+    assert plan.keys.tolist() == [draw_seed(7, 2, 3, r) for r in range(3)]
+    made, epoch = _rows_of(b, plan), list(b.epoch(4, 7, 2, 3, pairs))
+    assert len(made) == len(epoch) == 3
+    for (x, y), (ex, ey) in zip(made, epoch):
+        assert torch.equal(x, ex) and torch.equal(y, ey)
+
+
+def test_eval_plan_covers_every_item_once_padded_and_masked():
+    b = Batches(_images(10, train=False), CPU, train=False)
+    plan = B.eval_plan(b, 4)
+    assert plan.sizes == [4, 4, 2] and plan.order[plan.valid].tolist() == list(range(10))
+    assert plan.valid.sum() == 10 and plan.order[~plan.valid].tolist() == [0, 0]
+    x, y = b.make(plan.order[0])
+    ex, ey = next(b.epoch(4))
+    assert torch.equal(x, ex) and torch.equal(y, ey)
+
+
+def test_plan_make_and_eval_plan_refuse_what_they_cannot_do():
+    train = Batches(_images(6), CPU, train=True)
+    with pytest.raises(ValueError, match="resident"):
+        Batches(_images(6), CPU, train=True, device_fraction=0).plan(2)
+    with pytest.raises(ValueError, match="key"):
+        train.make(torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="train=False"):
+        B.eval_plan(train, 4)
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        B.eval_plan(Batches(_images(6, train=False), CPU, train=False), 0)
+    with pytest.raises(ValueError, match="batch_size"):
+        train.plan(0)

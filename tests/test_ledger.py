@@ -176,7 +176,9 @@ def test_cli_bench_failure_and_arguments(tmp_path, capsys):
 def test_gpu_report_plan(capsys):
     assert gpu_report.main(["--plan"]) == 0
     out = capsys.readouterr().out
-    for part in ("--worker official", "--worker ke_fast-graphs-off", " -m pytest tests/",  # any interpreter name
+    for part in ("--worker official", "--worker ke_fast-graphs-off", "--worker ke_fast-graphs ",
+                 "--worker ke_fast-compile-default", "--worker ke_fast-compile-reduce-overhead",
+                 "{'compile': 'reduce-overhead', 'graphs': False}", " -m pytest tests/",  # any interpreter name
                  "benchmarks/test_bench_sparse.py --benchmark-only", "102 classes"):
         assert part in out
     with pytest.raises(SystemExit):

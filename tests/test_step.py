@@ -16,12 +16,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import TensorDataset
 
 from ke_fast import cli
-from ke_fast.batches import Batches
+from ke_fast.batches import Batches, eval_plan
 from ke_fast.convert import fit_only, reinit_, split
 from ke_fast.data import ImageSet
 from ke_fast.evolve import Config, ConfigError, Evolution, reset_generation_
 from ke_fast.models import SmallCNN
-from ke_fast.step import EagerStep, GraphStep, _load_in_place, refresh_, use_graphs
+from ke_fast.runner import _run_options
+from ke_fast.step import (EagerStep, GraphEval, GraphStep, _load_in_place, compile_mode, eval_body, refresh_,
+                          train_body, use_graphs)
 from ke_fast.tasks import TASKS
 
 CPU = torch.device("cpu")
@@ -105,6 +107,100 @@ def test_compiled_step_equals_eager():
     comp_p, comp_o = _run(2, CompileCounterWithBackend("aot_eager"))
     for a, b in zip(eager_p + eager_o, comp_p + comp_o):
         torch.testing.assert_close(b, a, rtol=RTOL, atol=ATOL)
+
+
+# ---- 2. the CPU proxy of the whole captured step: batch making from device tensors, forward, loss, backward -
+
+def _images(n: int = 8) -> ImageSet:
+    """A tiny training ImageSet (RGB 11 x 13 uint8, 3 classes, 6 x 6 views)."""
+    pixels = torch.randint(0, 256, (n, 3, 11, 13), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    return ImageSet.from_tensors(pixels, torch.arange(n) % 3, 6, True)
+
+
+def _train_graph_body(generations: int, epochs: int, counter_backend=None, data: ImageSet | None = None,
+                      device: torch.device = CPU, graphs: bool = False) -> tuple[list[torch.Tensor], list]:
+    """KE's training in miniature on augmented images (batch 4): per generation a fresh optimizer and
+    ``epochs`` epochs, then a reset. Eager (``EagerStep.train_epoch``, the reference), or ``train_body`` from
+    the epoch's device plan (compiled with ``fullgraph=True`` when ``counter_backend`` is given; with
+    ``graphs``: GraphStep). Returns the final parameters, each epoch's loss sum and, after each generation, the
+    frames compiled (or the graphs captured)."""
+    cfg = Config(generations=generations, epochs=epochs, batch_size=4, warmup_epochs=0)
+    loss_of = TASKS["classify"](cfg).loss
+
+    def forward_loss(net, x, y):
+        return loss_of(net(x), y)
+
+    model, batches = _model(in_channels=3).to(device), Batches(data or _images(), device, True)
+    step = GraphStep(forward_loss, cfg, device, amp=False) if graphs else EagerStep(forward_loss, cfg, device)
+    body = train_body if counter_backend is None else torch.compile(train_body, fullgraph=True,
+                                                                    backend=counter_backend)
+    sums, frames = [], []
+    for g in range(1, generations + 1):
+        if g > 1:
+            reset_generation_(model, cfg, g)
+        opt, sched = step.optimizer(list(model.parameters()), batches.steps(4))
+        model.train()
+        for epoch in range(epochs):
+            total = torch.zeros((), device=device)
+            if counter_backend is None:
+                step.train_epoch(model, opt, sched, batches, 4, 3, g, epoch, False, total)
+            else:  # what GraphStep replays, the optimizer step outside (it breaks graphs on purpose)
+                plan, counter = batches.plan(4, 3, g, epoch), torch.zeros(1, dtype=torch.int64)
+                for size in plan.sizes:
+                    opt.zero_grad(set_to_none=True)
+                    body(forward_loss, model, batches, plan.order, plan.keys, counter, size, total)
+                    opt.step()
+                    sched.step()
+            sums.append(total.cpu())
+        frames.append(step.captures if graphs else getattr(counter_backend, "frame_count", 0))
+    return [p.detach().cpu() for p in model.parameters()], sums + frames
+
+
+def test_train_body_with_batch_making_compiles_fullgraph_once_and_equals_eager():
+    """train_body (batch making from the epoch's device order and key tensors, the random-resized crop and
+    flip drawn from the key as a tensor, forward, loss, backward, the loss sum, the counter) compiles with
+    fullgraph=True (Tensor.backward traced: dynamo's trace_autograd_ops) into one frame, never again across
+    batches, epochs and generations: as many frames after generation 2 as after 4. Parameters and loss sums
+    equal the eager reference within rtol 1e-5, atol 1e-6 (the same kernels; a compiled backward may sum in
+    another order)."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    cc = CompileCounterWithBackend("eager")
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        comp_p, comp_o = _train_graph_body(4, 1, cc)
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    assert comp_o[-4:] == [1, 1, 1, 1], comp_o[-4:]  # frames after generations 1..4
+    eager_p, eager_o = _train_graph_body(4, 1)
+    for a, b in zip(eager_p + eager_o[:-4], comp_p + comp_o[:-4]):
+        torch.testing.assert_close(b, a, rtol=RTOL, atol=ATOL)
+
+
+def test_graphed_evaluation_compiles_fullgraph_and_counts_exactly():
+    """eval_body over an evaluation plan of chunks of 4 (10 test images: the last chunk padded with 2
+    positions, masked out) compiles with fullgraph=True, one frame for the dense and one for the fit
+    network, none more for a second generation; its top-1 / top-5 counts equal Classify.evaluate's exactly."""
+    n = 10
+    test = ImageSet.from_tensors(torch.randint(0, 256, (n, 3, 6, 6), generator=torch.Generator().manual_seed(1),
+                                               dtype=torch.uint8), torch.arange(n) % 3, 6, False)
+    batches, model, cfg = Batches(test, CPU, False), _model(in_channels=3).eval(), Config(generations=2)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    cc = CompileCounterWithBackend("eager")
+    body = torch.compile(eval_body, fullgraph=True, backend=cc)
+    plan = eval_plan(batches, 4)
+    assert plan.sizes == [4, 4, 2] and plan.valid.sum() == n
+    for g in (1, 2):
+        if g > 1:
+            reset_generation_(model, cfg, g)
+        for fit in (False, True):
+            with fit_only(model) if fit else torch.no_grad(), torch.no_grad():
+                counter, counts = torch.zeros(1, dtype=torch.int64), torch.zeros(2, dtype=torch.int64)
+                for _ in plan.sizes:
+                    body(model, batches, plan.order, plan.valid, counter, counts)
+                eager = TASKS["classify"](cfg).evaluate(model, batches.epoch(4))
+            assert {"acc": counts[0].item() / n, "top5": counts[1].item() / n} == eager
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    assert cc.frame_count == 2
 
 
 # ---- GraphStep's optimizer semantics, proven on CPU -----------------------------------------------------
@@ -254,6 +350,27 @@ def test_evolution_calls_the_eager_step_on_cpu_and_refuses_graphs_there(tmp_path
                   progress=False)
 
 
+def test_compile_mode_is_checked_and_reaches_evolution(tmp_path):
+    """--compile-mode picks torch.compile's mode (the reduce-overhead contender of make gpu-report); a mode that
+    records CUDA graphs itself is refused with graphs=True; an unknown one is refused before any work."""
+    assert [compile_mode(c) for c in (False, True, "reduce-overhead")] == [None, "default", "reduce-overhead"]
+    assert compile_mode("max-autotune-no-cudagraphs", graphs=True) == "max-autotune-no-cudagraphs"
+    for mode in ("reduce-overhead", "max-autotune"):
+        with pytest.raises(ValueError, match="records CUDA graphs"):
+            compile_mode(mode, graphs=True)
+    with pytest.raises(ValueError, match="compile must be"):
+        compile_mode("fast")
+    p, _ = cli._parser()
+    assert _run_options(p.parse_args(["run", "--compile-mode", "reduce-overhead"]))["compile"] == "reduce-overhead"
+    assert _run_options(p.parse_args(["run", "--compile"]))["compile"] is True
+    data = TensorDataset(torch.randn(8, 4), torch.arange(8) % 2)
+    model = torch.nn.Linear(4, 2)
+    with pytest.raises(ValueError, match="compile must be"):
+        Evolution(model, data, data, Config(generations=1, epochs=1), tmp_path, device="cpu", progress=False,
+                  compile="fast")
+    assert type(model) is torch.nn.Linear and not any(tmp_path.iterdir())  # not split, nothing written
+
+
 def test_cli_refuses_graphs_off_cuda(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["run", "--graphs", "--device", "cpu", "--out", "unused"])
@@ -295,3 +412,74 @@ def test_graph_step_equals_eager_across_a_reset():
         torch.backends.cudnn.allow_tf32 = allow
     for a, b in zip(eager_p + eager_o, graph_p + graph_o):
         torch.testing.assert_close(b, a, rtol=RTOL, atol=ATOL)
+
+
+def _no_tf32():
+    """cuDNN's TF32 off for a comparison with eager (TF32 is off for matmuls by torch's default)."""
+    allow = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    return allow
+
+
+@needs_cuda
+def test_graph_step_with_batch_making_equals_eager_and_captures_two_graphs_in_all():
+    """Augmented images resident on the GPU (10 items, batch 4: two full batches and one of 2), 3 generations
+    x 2 epochs: GraphStep.train_epoch (gather, crop, flip, normalise, forward, loss, backward, SGD and the
+    loss sum in one replay per batch) vs EagerStep.train_epoch: parameters and loss sums within rtol 1e-5,
+    atol 1e-6; two captures (the full and the last batch's shape), made in generation 1, none after."""
+    allow = _no_tf32()
+    try:
+        cuda = torch.device("cuda")
+        eager_p, eager_o = _train_graph_body(3, 2, data=_images(10), device=cuda)
+        graph_p, graph_o = _train_graph_body(3, 2, data=_images(10), device=cuda, graphs=True)
+    finally:
+        torch.backends.cudnn.allow_tf32 = allow
+    assert graph_o[-3:] == [2, 2, 2], graph_o[-3:]
+    for a, b in zip(eager_p + eager_o[:-3], graph_p + graph_o[:-3]):
+        torch.testing.assert_close(b, a, rtol=RTOL, atol=ATOL)
+
+
+@needs_cuda
+def test_graph_eval_equals_classify_evaluate_dense_and_fit_across_resets():
+    """GraphEval (chunks of 4 of 10 test images: the last padded and masked) vs Classify.evaluate on the same
+    model, dense and fit, over 3 generations (a reset between): equal accuracies; two captures in all (dense,
+    fit: KELS masks never change, so no re-capture)."""
+    cuda = torch.device("cuda")
+    n = 10
+    test = ImageSet.from_tensors(torch.randint(0, 256, (n, 3, 6, 6), generator=torch.Generator().manual_seed(1),
+                                               dtype=torch.uint8), torch.arange(n) % 3, 6, False)
+    batches, model, cfg = Batches(test, cuda, False), _model(in_channels=3).cuda().eval(), Config(generations=3)
+    graphed = GraphEval(cuda, amp=False, chunk=4)
+    allow = _no_tf32()
+    try:
+        for g in (1, 2, 3):
+            if g > 1:
+                reset_generation_(model, cfg, g)
+            for fit in (False, True):
+                with fit_only(model) if fit else torch.no_grad(), torch.no_grad():
+                    eager = TASKS["classify"](cfg).evaluate(model, batches.epoch(4))
+                    assert graphed.accuracy(model, model, batches) == eager, (g, fit)
+    finally:
+        torch.backends.cudnn.allow_tf32 = allow
+    assert graphed.captures == 2
+
+
+@needs_cuda
+def test_evolution_with_graphs_matches_eager(tmp_path):
+    """A whole KE run (2 generations x 2 epochs, augmented images, classify) with graphs on vs off: the graphed
+    training and evaluation are used (GraphStep / GraphEval captured), the losses agree within rtol 1e-4 and
+    each accuracy within one test image."""
+    test = ImageSet.from_tensors(torch.randint(0, 256, (10, 3, 6, 6), generator=torch.Generator().manual_seed(1),
+                                               dtype=torch.uint8), torch.arange(10) % 3, 6, False)
+    rows = {}
+    for graphs in (False, True):
+        cfg = Config(generations=2, epochs=2, batch_size=4, warmup_epochs=0, graphs=graphs)
+        evo = Evolution(_model(in_channels=3), _images(10), test, cfg, tmp_path / str(graphs), device="cuda",
+                        progress=False, log=lambda _: None)
+        rows[graphs] = evo.run()
+        if graphs:
+            assert evo._step.captures == 2 and evo._eval_graph.captures == 2
+    for a, b in zip(rows[False], rows[True]):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+        for key in ("dense_acc", "fit_acc", "dense_top5", "fit_top5"):
+            assert abs(a[key] - b[key]) <= 1 / 10 + 1e-9, (key, a, b)

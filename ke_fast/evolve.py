@@ -37,7 +37,7 @@ from .rundir import (CHECKPOINTS, RUN_FILES, CheckpointError, RunDir, RunExistsE
                      _Writer, architecture_fingerprint, check_resumable, data_fingerprint, load_checkpoint,
                      run_identity, save_atomic)
 from .step import (EagerStep, GraphEval, GraphStep, _fused_sgd_supported, _lr_lambda, _optimizer,  # noqa: F401
-                   compile_mode, use_graphs)
+                   build_step, compile_mode, use_graphs)
 from .tasks import TASKS, Classify, headline_metric  # noqa: F401  (re-exported)
 
 # the names users and tests import from here, wherever they live now (_Writer and _snapshot too, privately)
@@ -146,6 +146,25 @@ def _validate(ev: "Evolution", g: int, epoch: int) -> None:
     ev.log(ev.task.validate(scores, g, epoch))
 
 
+def _restore(ev: "Evolution", ckpt: dict, path: Path) -> tuple[int, int, dict | None, dict | None]:
+    """Load a checkpoint found by ``ev.dir.latest()`` into ``ev`` (model, task, history, validations: older
+    checkpoints kept none); returns the (generation, epoch, optimizer state, schedule state) to start from."""
+    ev.dir.restore(ckpt, path, asdict(ev.cfg), ev.identity, ev.model, ev.task)
+    ev.history, ev._last_loss = ckpt["history"], ckpt.get("train_loss", float("nan"))
+    ev.val_history = ckpt.get("val_history", [])
+    return _start_of(ckpt, ev.cfg)
+
+
+def _scores(ev: "Evolution") -> dict[str, float]:
+    """The metrics of N_g (``dense_``) and of H^F_g (``fit_``) at the end of a generation, timed as evaluation."""
+    t0 = time.perf_counter()
+    row = _prefixed("dense_", ev.evaluate())
+    with fit_only(ev.model):
+        row.update(_prefixed("fit_", ev.evaluate()))
+    ev.timings["eval"] += time.perf_counter() - t0
+    return row
+
+
 class _Progress:
     """The run's tqdm bar (images, images/s, ETA), or nothing when off."""
 
@@ -191,7 +210,8 @@ class Evolution:
         checkpoint_every: minutes between checkpoints in a generation (0: every epoch; each generation ends
             with one). device_fraction: keep a data set on a CUDA device up to this fraction of its memory.
         compile: ``torch.compile`` the training step's forward and loss: True (default mode) or a mode name
-            (``ke_fast.step.COMPILE_MODES``; "reduce-overhead": not with ``graphs``). val_set: a validation split (``val_`` metrics; val_every).
+            (``ke_fast.step.COMPILE_MODES``; "reduce-overhead": not with ``graphs``).
+        val_set: a validation split (``val_`` metrics; evaluated every ``config.val_every`` epochs too).
 
     :meth:`run` sets ``start``, the (generation, epoch) it started from (past ``config.generations`` for a
     finished run); ``saved`` is the (generation, epoch) of the last checkpoint written (None before one).
@@ -224,13 +244,10 @@ class Evolution:
         self._test = Batches(test_set, self.device, False, device_fraction, channels_last=self.channels_last)
         self._val = None if val_set is None else \
             Batches(val_set, self.device, False, device_fraction, channels_last=self.channels_last)
-        graphs = use_graphs(config.graphs, self.device, self.world)  # the step the loop calls (ke_fast.step)
-        mode = compile_mode(compile, graphs)  # "reduce-overhead": the compiler's CUDA graphs, the other contender
-        self._forward_loss = torch.compile(self._forward_loss_eager, mode=mode) if mode else self._forward_loss_eager
-        self._step = (GraphStep(self._forward_loss, config, self.device, self.amp) if graphs
-                      else EagerStep(self._forward_loss, config, self.device))
-        # a classifier's evaluation graphed too (other tasks' evaluations have no top-k counts to sum)
-        self._eval_graph = GraphEval(self.device, self.amp) if graphs and isinstance(self.task, Classify) else None
+        # the step the loop calls: eager or one CUDA graph (and a classifier's graphed evaluation), ke_fast.step
+        self._forward_loss, self._step, self._eval_graph = build_step(self._forward_loss_eager, config, self.device,
+                                                                      self.amp, self.world, compile,
+                                                                      isinstance(self.task, Classify))
         example = functools.cache(lambda: next(self._test.epoch(1))[0])  # one input, as the model sees it
         # layer-threshold forgetting: {layer: "keep" | "reset"}, fixed for the run (forward order)
         self._whole = None if config.reset_from is None else \
@@ -278,11 +295,8 @@ class Evolution:
         if resume and found is None:
             self.log(f"no checkpoint ({' / '.join(CHECKPOINTS)}) in {self.out} to resume from: starting afresh")
         if found is not None:
-            ckpt, path = found
-            self.dir.restore(ckpt, path, asdict(self.cfg), self.identity, self.model, self.task)
-            self.history, self._last_loss = ckpt["history"], ckpt.get("train_loss", float("nan"))
-            self.val_history = ckpt.get("val_history", [])  # older checkpoints did not keep them
-            start_gen, start_epoch, opt_state, sched_state = _start_of(ckpt, self.cfg)
+            path = found[1]
+            start_gen, start_epoch, opt_state, sched_state = _restore(self, *found)
             if start_gen > self.cfg.generations:
                 self.start = (start_gen, 0)
                 self.log(f"{path}: the run is finished ({len(self.history)} generations); nothing to train "
@@ -325,11 +339,7 @@ class Evolution:
                 self._checkpoint(g, epoch + 1, opt, sched)
         if cfg.mask_criterion != "random" and (g == 1 or cfg.resample_mask):  # before H^F_g: the mask defines it
             _choose_masks(self, g, epochs)
-        t1 = time.perf_counter()
-        row = dict(generation=g, **_prefixed("dense_", self.evaluate()))
-        with fit_only(model):
-            row.update(_prefixed("fit_", self.evaluate()))
-        self.timings["eval"] += time.perf_counter() - t1
+        row = dict(generation=g, **_scores(self))
         row.update(train_loss=self._last_loss, epoch_time_s=(time.perf_counter() - t0) / max(1, epochs - start_epoch))
         self.history.append(row)
         self._checkpoint(g, epochs, None, None)
@@ -362,13 +372,12 @@ class Evolution:
         """The task's metrics of the model as it is (dense, or fit inside ``fit_only``) on ``data``, e.g. ``{"acc":
         top-1, "top5": top-5}``; default: the test set's and, prefixed ``val_``, the validation set's (if any)."""
         self.model.eval()
-        if data is None and self._eval_graph is not None and all(b.resident for b in (self._test, self._val) if b):
-            sets = (("", self._test), ("val_", self._val))  # the prefixes of Task.scores
-            return {prefix + k: v for prefix, b in sets if b is not None
-                    for k, v in self._eval_graph.accuracy(self._forward, self.model, b).items()}
         if data is None:
-            sets = (("", self._test), ("val_", self._val))
-            return self.task.scores(self._forward, {k: b.epoch(256) for k, b in sets if b is not None})
+            sets = {k: b for k, b in (("", self._test), ("val_", self._val)) if b is not None}  # Task.scores' prefixes
+            if self._eval_graph is not None and all(b.resident for b in sets.values()):
+                return {p + k: v for p, b in sets.items()
+                        for k, v in self._eval_graph.accuracy(self._forward, self.model, b).items()}
+            return self.task.scores(self._forward, {k: b.epoch(256) for k, b in sets.items()})
         batches = Batches(data, self.device, False, channels_last=self.channels_last)
         return self.task.evaluate(self._forward, batches.epoch(256))
 

@@ -411,3 +411,16 @@ class GraphEval:
         self.captures += 1
         groups = [m._ke_group for m in net.modules() if getattr(m, "_ke_group", None) is not None]
         return graph, (counter, counts, plan, groups)  # the groups (their tables) live as long as the graph
+
+
+def build_step(forward_loss: ForwardLoss, config: Config, device: torch.device, amp: bool, world: int,
+               compile: bool | str, classify: bool) -> tuple[ForwardLoss, EagerStep, "GraphEval | None"]:
+    """The loop's (forward_loss, training step, graphed evaluation): ``forward_loss`` compiled in the mode of
+    ``compile`` (:func:`compile_mode`; "reduce-overhead" is the compiler's CUDA graphs, the other contender),
+    a :class:`GraphStep` when :func:`use_graphs` says so (else :class:`EagerStep`), and a :class:`GraphEval`
+    with it for a classifier (other tasks' evaluations have no top-k counts to sum: eager)."""
+    graphs = use_graphs(config.graphs, device, world)
+    mode = compile_mode(compile, graphs)
+    fl = torch.compile(forward_loss, mode=mode) if mode else forward_loss
+    step = GraphStep(fl, config, device, amp) if graphs else EagerStep(fl, config, device)
+    return fl, step, GraphEval(device, amp) if graphs and classify else None

@@ -64,5 +64,5 @@ setup(
         "bench": ["pytest-benchmark", "matplotlib"],
         "demo": ["scikit-learn", "tqdm", "matplotlib"],
     },
-    entry_points={"console_scripts": ["ke-fast = ke_fast.cli:main"]},
+    entry_points={"console_scripts": ["ke-fast = ke_fast.cli:console"]},
 )

@@ -1,6 +1,4 @@
-"""``python -m ke_fast run``."""
-import sys
+"""``python -m ke_fast run``: :func:`ke_fast.cli.main`, ended by :func:`ke_fast.cli.exit_fast`."""
+from .cli import console
 
-from .cli import main
-
-sys.exit(main())
+console()

@@ -835,3 +835,19 @@ def test_cli_ctrl_c_says_how_to_resume(tmp_path):
     resumed = cli._parser()[0].parse_args(words[3:])
     assert resumed.resume and Path(resumed.out) == out and resumed.generations == 10000, last
     assert resumed.model == "small_cnn" and resumed.per_class == 2 and resumed.weight_decay == 0, last
+
+
+def test_exit_fast_runs_exit_handlers_flushes_and_keeps_the_status(tmp_path):
+    """`python -m ke_fast` ends through cli.exit_fast (no module teardown): the atexit handlers still run, what
+    was written to stdout but not flushed arrives, and the status is the one given."""
+    code = ("import atexit, sys\n"
+            "from ke_fast.cli import exit_fast\n"
+            "atexit.register(lambda: open(sys.argv[1], 'w').write('handler ran'))\n"
+            "sys.stdout.write('unflushed')\n"
+            "exit_fast(3)\n"
+            "print('not reached')\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "flag")], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 3, out.stderr
+    assert out.stdout == "unflushed"
+    assert (tmp_path / "flag").read_text() == "handler ran"

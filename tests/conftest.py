@@ -87,22 +87,24 @@ def impl(request, monkeypatch):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "interpreter_sample(keep): under the Triton interpreter, run the "
+    config.addinivalue_line("markers", "interpreter_sample(keep=f): under the Triton interpreter, run the "
                             "triton-cpu cases for which keep(params) is true (a stated sample; all run elsewhere)")
 
 
 def pytest_collection_modifyitems(config, items):
     """The interpreter runs each Triton program in Python (seconds per case): a test marked
-    ``interpreter_sample(keep)`` runs its ("triton", "cpu") cases only where ``keep(callspec.params)`` holds —
-    a pairwise sample its marker states — and every case on the other pairs. The rest are deselected, so the
-    summary line counts them ("N deselected"); on a CUDA host nothing is deselected."""
+    ``interpreter_sample(keep=f)`` runs its interpreted cases — those of the ("triton", "cpu") pair, or all of
+    them for a test without an ``impl`` parameter (it calls Triton directly) — only where
+    ``f(callspec.params)`` holds: a pairwise sample its marker states; every case runs on the other pairs.
+    The rest are deselected, so the summary line counts them ("N deselected"); on a CUDA host none is."""
     if not INTERPRETING:
         return
     kept, dropped = [], []
     for item in items:
         marker = item.get_closest_marker("interpreter_sample")
         params = getattr(getattr(item, "callspec", None), "params", {})
-        if marker is not None and tuple(params.get("impl", ())) == ("triton", "cpu") and not marker.args[0](params):
+        interpreted = tuple(params.get("impl", ("triton", "cpu"))) == ("triton", "cpu")
+        if marker is not None and interpreted and not marker.kwargs["keep"](params):
             dropped.append(item)
         else:
             kept.append(item)

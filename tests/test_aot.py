@@ -1,6 +1,6 @@
 """Every Triton kernel compiles ahead of time for sm_80 and sm_90 without spilling registers (no GPU needed).
 
-The suite compiles each kernel's heaviest variants (``aot --quick``, kernels/aot.py QUICK: about 26 compiles);
+The suite compiles each kernel's heaviest variants (``aot --quick``, kernels/aot.py QUICK: 16 compiles);
 ``make aot`` compiles every variant the launchers can produce (about 120, two minutes on 2 cores)."""
 import json
 import os

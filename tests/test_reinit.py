@@ -49,9 +49,10 @@ def run(impl, dtype, init, monkeypatch, mode="wels", generation=2):
     return before, ws, ms
 
 
-# interpreter: KELS for every scheme and dtype; WELS on a pairwise third (the interpreter's WELS values equal
-# the reference's bit for bit or within 2 ulp for every scheme and dtype: test_implementations_agree)
-@pytest.mark.interpreter_sample(lambda p: p["mode"] == "kels"
+# interpreter: every scheme in fp32 for KELS, and a pairwise third of (scheme, dtype) for each mode (WELS
+# values under the interpreter equal the reference's bit for bit or within 2 ulp for every scheme and dtype:
+# test_implementations_agree)
+@pytest.mark.interpreter_sample(keep=lambda p: (p["mode"] == "kels" and p["dtype"] == torch.float32)
                                 or (K.SCHEMES.index(p["init"]) + DTYPES.index(p["dtype"])) % 3 == 0)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("init", K.SCHEMES)

@@ -16,7 +16,8 @@ Cases:
 * ``study``: ``python -m ke_fast run --seeds 0 1 2 --baseline long --no-progress`` (the README's 3-seed study:
   six runs of the demo's size); the file keeps the study's results.md.
 * ``cpu-run``: issue 19's CPU target, ``python -m ke_fast run --generations 3 --epochs 5`` against the official
-  loop with ``--generations 3 --epochs 5``;
+  loop with ``--generations 3 --epochs 5``; ``cpu-run-no-plot``: the same with ``--no-plot`` (the official loop
+  draws no plot: the same work);
 * ``metric`` (only with ``--case metric``): ``python -m ke_fast run --task metric``, the README's metric run.
 
 Each case writes ``benchmarks/results/cli-<case>-<machine>-<date>-<commit>.json`` (with the ledger: commit,
@@ -94,13 +95,17 @@ def cases(quick: bool = False) -> dict[str, Case]:
                                    "official-algorithm loop, fresh processes",
                         [ke("--generations", "3", "--epochs", "5"), official("--generations", "3", "--epochs", "5")],
                         5, ("official", "ke_fast")),
+        "cpu-run-no-plot": Case("cpu-run-no-plot", "cpu-run with ke_fast's --no-plot: the same work as the official "
+                                                   "loop, which draws no plot.png",
+                                [ke("--generations", "3", "--epochs", "5", extra=("--no-plot",)),
+                                 official("--generations", "3", "--epochs", "5")], 5, ("official", "ke_fast")),
         "metric": Case("metric", "python -m ke_fast run --task metric with its defaults (README's metric run; "
                                  "not in the default set: minutes per round)",
                        [ke(extra=("--task", "metric"), warm_extra=("--task", "metric"))], 1),
     }
 
 
-DEFAULT_CASES = ("demo", "study", "cpu-run")
+DEFAULT_CASES = ("demo", "study", "cpu-run", "cpu-run-no-plot")
 
 
 def command(argv: list[str]) -> str:
@@ -201,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
                                                  "(results under benchmarks/results/)")
     parser.add_argument("--case", nargs="+", choices=list(cases()), default=list(DEFAULT_CASES),
                         help=f"default: {' '.join(DEFAULT_CASES)}")
-    parser.add_argument("--repeats", type=int, help="rounds per case (default: demo 3, study 2, cpu-run 5, metric 1; "
-                                                    "--quick 1)")
+    parser.add_argument("--repeats", type=int, help="rounds per case (default: demo 3, study 2, cpu-run and "
+                                                    "cpu-run-no-plot 5, metric 1; --quick 1)")
     parser.add_argument("--warmups", type=int, help="warm-up rounds at tiny sizes (default 1; --quick 0)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, 1 round, no warm-up")
     parser.add_argument("--out-dir", type=Path, help="where the results files go (default: benchmarks/results/; "

@@ -118,7 +118,8 @@ def _pytest_benchmark(data: dict, select: str | None, columns: list[str] | None 
 
 def _cell(key: str, v: Any) -> str:
     """Accuracies and recalls (fractions) as percentages, anything else as _fmt does."""
-    if isinstance(v, float) and ("acc" in key or "recall" in key or key in ("dense", "fit")) and 0 <= v <= 1:
+    if isinstance(v, float) and ("acc" in key or "recall" in key or "top5" in key or key in ("dense", "fit")) \
+            and 0 <= v <= 1:
         return f"{100 * v:.1f}%"
     return _fmt(v)
 

@@ -176,6 +176,9 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                    help="CUDA only: the training step as one captured CUDA graph (default: automatic, off for now)")
     r.add_argument("--no-progress", action="store_true",
                    help="no progress bar (default: a bar with images/s and the run's ETA on a terminal)")
+    r.add_argument("--no-plot", action="store_true",
+                   help="do not draw plot.png (matplotlib: about 1 s per process on a 2-core CPU); history.csv "
+                        "and summary.json hold every figure (default: draw it)")
     return p, r
 
 

@@ -212,6 +212,7 @@ class Evolution:
         compile: ``torch.compile`` the training step's forward and loss: True (default mode) or a mode name
             (``ke_fast.step.COMPILE_MODES``; "reduce-overhead": not with ``graphs``).
         val_set: a validation split (``val_`` metrics; evaluated every ``config.val_every`` epochs too).
+        plot: draw plot.png at the end of :meth:`run` (matplotlib: about 1 s per process on a 2-core CPU).
 
     :meth:`run` sets ``start``, the (generation, epoch) it started from (past ``config.generations`` for a
     finished run); ``saved`` is the (generation, epoch) of the last checkpoint written (None before one).
@@ -221,7 +222,7 @@ class Evolution:
                  out_dir: str | Path, device: str | torch.device | None = None, progress: bool | None = None,
                  log: Callable[[str], None] = print, identity: dict[str, Any] | None = None,
                  checkpoint_every: float = 10.0, device_fraction: float = 0.5, compile: bool | str = False,
-                 val_set: Dataset | None = None) -> None:
+                 val_set: Dataset | None = None, plot: bool = True) -> None:
         self.cfg = config.validate()
         check_run_options(checkpoint_every, device_fraction)
         compile_mode(compile)  # an unknown mode: refused before any work
@@ -238,7 +239,7 @@ class Evolution:
         self.model = _split(model.to(self.device), config)
         # channels_last applies to the activations only: weights stay contiguous, the layout the masks
         # and the fused reset address (cuDNN converts a weight to the input's layout on the fly)
-        self.train_set, self.test_set, self.checkpoint_every = train_set, test_set, checkpoint_every
+        self.train_set, self.test_set, self.checkpoint_every, self.plot = train_set, test_set, checkpoint_every, plot
         self.identity = dict(identity or {}, **run_identity(train_set, test_set, self.model))
         self._train = Batches(train_set, self.device, True, device_fraction, self.rank, self.world, self.channels_last)
         self._test = Batches(test_set, self.device, False, device_fraction, channels_last=self.channels_last)
@@ -315,7 +316,7 @@ class Evolution:
                 self.timings["reset"] += time.perf_counter() - t0
             self._generation(g, start_epoch, opt_state, sched_state)
             start_epoch, opt_state, sched_state = 0, None, None
-        if self.history:  # once per run: matplotlib costs more than a small generation
+        if self.history and self.plot:  # once per run: matplotlib costs more than a small generation
             self.dir.write_plot(self.history, self.task, f"KE {self.cfg.split.upper()} {self.cfg.split_rate}",
                                 self.val_history)
         return self.history

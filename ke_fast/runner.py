@@ -93,7 +93,7 @@ def _identity(args: argparse.Namespace) -> dict:
 def _run_options(args: argparse.Namespace) -> dict:
     """The Evolution keywords of the run options that are not part of the Config (how, not what, it trains)."""
     return dict(checkpoint_every=args.checkpoint_every, device_fraction=args.data_on_device,
-                compile=args.compile_mode or args.compile)
+                compile=args.compile_mode or args.compile, plot=not args.no_plot)
 
 
 def _data_and_model(args: argparse.Namespace, seed: int) -> tuple[torch.nn.Module, Dataset, Dataset, Dataset | None]:
@@ -151,7 +151,8 @@ def _run(args: argparse.Namespace, device: str) -> int:
         if ev.start[0] > cfg.generations:
             print(f"\nthe run in {args.out} is finished: nothing trained, no file changed")
         else:
-            print(f"\nwrote {Path(args.out) / 'history.csv'}, summary.json, plot.png and the checkpoint last.pt")
+            print(f"\nwrote {Path(args.out) / 'history.csv'}, summary.json, {'' if args.no_plot else 'plot.png '}"
+                  f"and the checkpoint last.pt")
     return 0
 
 
@@ -176,7 +177,8 @@ def _run_study(args: argparse.Namespace, device: str) -> int:
         return 130
     if _rank() == 0:
         print("\n" + results_markdown(summary))
-        print(f"wrote {Path(args.out) / 'summary.json'}, results.md, plot.png and seed-<n>/ run folders")
+        print(f"wrote {Path(args.out) / 'summary.json'}, results.md, {'' if args.no_plot else 'plot.png '}"
+              f"and seed-<n>/ run folders")
     return 0
 
 

@@ -243,7 +243,7 @@ class Study:
         baseline: None, or ``"long"``: per seed, the dense run of :func:`baseline_config`.
         device, progress, log, identity: as for :class:`Evolution` (identity also goes into summary.json).
         **options: further keywords of every :class:`Evolution` (``checkpoint_every``, ``device_fraction``,
-            ``compile``).
+            ``compile``, ``plot``: False draws neither the runs' nor the study's plot.png).
 
     ``current`` is the Evolution running now (None outside :meth:`run`): after an interrupt, the one
     whose checkpoint a resume continues from.
@@ -310,7 +310,8 @@ class Study:
             self.out.mkdir(parents=True, exist_ok=True)
             write_text(self.out / "summary.json", json.dumps(summary, indent=2))
             write_text(self.out / "results.md", results_markdown(summary))
-            plot(summary, self.out / "plot.png")
+            if self.options.get("plot", True):
+                plot(summary, self.out / "plot.png")
         return summary
 
     def _one(self, seed: int, config: Config, out: Path, resume: bool) -> list[dict]:

@@ -851,3 +851,15 @@ def test_exit_fast_runs_exit_handlers_flushes_and_keeps_the_status(tmp_path):
     assert out.returncode == 3, out.stderr
     assert out.stdout == "unflushed"
     assert (tmp_path / "flag").read_text() == "handler ran"
+
+
+def test_no_plot_draws_no_plot_and_says_so(tmp_path, capsys):
+    """--no-plot: the run writes history.csv, summary.json and the checkpoint, no plot.png, and its last line
+    does not claim one."""
+    from ke_fast import cli
+
+    out = tmp_path / "run"
+    assert cli.main(["run", *TINY_ARGS, "--no-plot", "--out", str(out)]) == 0
+    assert (out / "history.csv").exists() and (out / "summary.json").exists() and (out / "last.pt").exists()
+    assert not (out / "plot.png").exists()
+    assert "plot.png" not in capsys.readouterr().out.splitlines()[-1]

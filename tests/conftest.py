@@ -96,7 +96,8 @@ def pytest_collection_modifyitems(config, items):
     ``interpreter_sample(keep=f)`` runs its interpreted cases — those of the ("triton", "cpu") pair, or all of
     them for a test without an ``impl`` parameter (it calls Triton directly) — only where
     ``f(callspec.params)`` holds: a pairwise sample its marker states; every case runs on the other pairs.
-    The rest are deselected, so the summary line counts them ("N deselected"); on a CUDA host none is."""
+    The rest are deselected (``pytest --collect-only -n 0`` counts them: "N deselected"); on a CUDA host none
+    is."""
     if not INTERPRETING:
         return
     kept, dropped = [], []

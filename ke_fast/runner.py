@@ -151,7 +151,7 @@ def _run(args: argparse.Namespace, device: str) -> int:
         if ev.start[0] > cfg.generations:
             print(f"\nthe run in {args.out} is finished: nothing trained, no file changed")
         else:
-            print(f"\nwrote {Path(args.out) / 'history.csv'}, summary.json, {'' if args.no_plot else 'plot.png '}"
+            print(f"\nwrote {Path(args.out) / 'history.csv'}, summary.json{'' if args.no_plot else ', plot.png'} "
                   f"and the checkpoint last.pt")
     return 0
 
@@ -177,7 +177,7 @@ def _run_study(args: argparse.Namespace, device: str) -> int:
         return 130
     if _rank() == 0:
         print("\n" + results_markdown(summary))
-        print(f"wrote {Path(args.out) / 'summary.json'}, results.md, {'' if args.no_plot else 'plot.png '}"
+        print(f"wrote {Path(args.out) / 'summary.json'}, results.md{'' if args.no_plot else ', plot.png'} "
               f"and seed-<n>/ run folders")
     return 0
 

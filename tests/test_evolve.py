@@ -862,4 +862,8 @@ def test_no_plot_draws_no_plot_and_says_so(tmp_path, capsys):
     assert cli.main(["run", *TINY_ARGS, "--no-plot", "--out", str(out)]) == 0
     assert (out / "history.csv").exists() and (out / "summary.json").exists() and (out / "last.pt").exists()
     assert not (out / "plot.png").exists()
-    assert "plot.png" not in capsys.readouterr().out.splitlines()[-1]
+    assert capsys.readouterr().out.splitlines()[-1].endswith("history.csv, summary.json and the checkpoint last.pt")
+    study = tmp_path / "study"  # a study: neither its runs nor the study itself draw one
+    assert cli.main(["run", *TINY_ARGS, "--seeds", "0", "1", "--no-plot", "--out", str(study)]) == 0
+    assert (study / "summary.json").exists() and not list(study.rglob("plot.png"))
+    assert capsys.readouterr().out.splitlines()[-1].endswith("summary.json, results.md and seed-<n>/ run folders")

@@ -45,6 +45,7 @@ from torch import nn
 
 from .batches import Batches, eval_plan
 from .config import Config
+from .tasks import topk_hits
 
 ForwardLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -72,9 +73,8 @@ def eval_body(forward: Forward, batches: Batches, order: torch.Tensor, valid: to
     ``ke_fast.tasks.Classify.evaluate``, padding masked out. What :class:`GraphEval` captures."""
     x, y = batches.make(order.index_select(0, counter).view(-1))
     ok = valid.index_select(0, counter).view(-1)
-    out = forward(x)
-    hit = out.topk(min(5, out.shape[1]), 1).indices == y[:, None]
-    counts.add_(torch.stack([(hit[:, 0] & ok).sum(), (hit.any(1) & ok).sum()]))
+    hit1, hit5 = topk_hits(forward(x), y)
+    counts.add_(torch.stack([(hit1 & ok).sum(), (hit5 & ok).sum()]))
     counter.add_(1)
 
 

@@ -211,13 +211,19 @@ class Classify(Task):
     def evaluate(self, forward: Forward, batches: Batches) -> dict[str, float]:
         top1, top5, n = 0, 0, 0  # the counts stay on the device until the end
         for x, y in batches:
-            out = forward(x)
-            hit = out.topk(min(5, out.shape[1]), 1).indices == y[:, None]
-            top1, top5 = top1 + hit[:, 0].sum(), top5 + hit.any(1).sum()
+            hit1, hit5 = topk_hits(forward(x), y)
+            top1, top5 = top1 + hit1.sum(), top5 + hit5.sum()
             n += len(y)
         if n:  # both counts in one read from the device
             top1, top5 = torch.stack([top1, top5]).tolist()
         return {"acc": top1 / max(1, n), "top5": top5 / max(1, n)}
+
+
+def topk_hits(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample (bool [B]): is the label the top-1 class of ``out`` [B, classes], and among its top 5 (all of
+    them with fewer classes)? What :meth:`Classify.evaluate` and the graphed evaluation (ke_fast.step) count."""
+    hit = out.topk(min(5, out.shape[1]), 1).indices == y[:, None]
+    return hit[:, 0], hit.any(1)
 
 
 class Metric(Task):

@@ -37,7 +37,7 @@ from .rundir import (CHECKPOINTS, RUN_FILES, CheckpointError, RunDir, RunExistsE
                      _Writer, architecture_fingerprint, check_resumable, data_fingerprint, load_checkpoint,
                      run_identity, save_atomic)
 from .step import (EagerStep, GraphEval, GraphStep, _fused_sgd_supported, _lr_lambda, _optimizer,  # noqa: F401
-                   build_step, compile_mode, use_graphs)
+                   build_step, use_graphs)
 from .tasks import TASKS, Classify, headline_metric  # noqa: F401  (re-exported)
 
 # the names users and tests import from here, wherever they live now (_Writer and _snapshot too, privately)
@@ -225,7 +225,6 @@ class Evolution:
                  val_set: Dataset | None = None, plot: bool = True) -> None:
         self.cfg = config.validate()
         check_run_options(checkpoint_every, device_fraction)
-        compile_mode(compile)  # an unknown mode: refused before any work
         _check_data(train_set, test_set)
         self.task = TASKS[config.task](config)
         self.task.check_data(train_set, test_set)
@@ -236,6 +235,11 @@ class Evolution:
         self.amp, self.channels_last = (cuda if v is None else v for v in (config.amp, config.channels_last))
         self.progress = os.isatty(1) if progress is None else progress
         self.log = log if self.rank == 0 else (lambda _: None)
+        # the step the loop calls: eager or one CUDA graph (and a classifier's graphed evaluation), ke_fast.step;
+        # built before any work: an unknown compile mode, or one that cannot go with graphs, is refused here
+        self._forward_loss, self._step, self._eval_graph = build_step(self._forward_loss_eager, config, self.device,
+                                                                      self.amp, self.world, compile,
+                                                                      isinstance(self.task, Classify))
         self.model = _split(model.to(self.device), config)
         # channels_last applies to the activations only: weights stay contiguous, the layout the masks
         # and the fused reset address (cuDNN converts a weight to the input's layout on the fly)
@@ -245,10 +249,6 @@ class Evolution:
         self._test = Batches(test_set, self.device, False, device_fraction, channels_last=self.channels_last)
         self._val = None if val_set is None else \
             Batches(val_set, self.device, False, device_fraction, channels_last=self.channels_last)
-        # the step the loop calls: eager or one CUDA graph (and a classifier's graphed evaluation), ke_fast.step
-        self._forward_loss, self._step, self._eval_graph = build_step(self._forward_loss_eager, config, self.device,
-                                                                      self.amp, self.world, compile,
-                                                                      isinstance(self.task, Classify))
         example = functools.cache(lambda: next(self._test.epoch(1))[0])  # one input, as the model sees it
         # layer-threshold forgetting: {layer: "keep" | "reset"}, fixed for the run (forward order)
         self._whole = None if config.reset_from is None else \

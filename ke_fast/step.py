@@ -250,6 +250,7 @@ class GraphStep(EagerStep):
         self.opt: torch.optim.SGD | None = None
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Any]] = {}
         self.statics: dict[tuple, tuple[torch.Tensor, ...]] = {}  # (order, keys, counter, total) per plan shape
+        self._addresses: tuple | None = None  # addresses(net) during an epoch of host-resident batches
         self.captures = 0
 
     def optimizer(self, params: list[nn.Parameter], steps_per_epoch: int, opt_state: dict | None = None,
@@ -315,8 +316,9 @@ class GraphStep(EagerStep):
     def __call__(self, net: nn.Module, opt: torch.optim.SGD, sched: Any, x: torch.Tensor, y: torch.Tensor,
                  total: torch.Tensor) -> None:
         """One step of a batch made outside (host-resident data): copied into a static input pair, replayed."""
+        where = self._addresses if self._addresses is not None else addresses(net, masks=False)
         key = ("batch", id(net), tuple(x.shape), x.dtype, tuple(y.shape), y.dtype, x.is_contiguous(), net.training,
-               addresses(net, masks=False))
+               where)
         if key not in self.graphs:
             sx, sy = x.clone(), y.clone()
             graph, out = self._capture(net, lambda: self._forward_loss_amp(net, sx, sy).detach() * len(sy),
@@ -335,8 +337,12 @@ class GraphStep(EagerStep):
         """One epoch, a replay per batch with the batch making inside the graph (resident data; else the
         static-input path of :meth:`__call__`). Same contract as :meth:`EagerStep.train_epoch`."""
         if not batches.resident:
-            return super().train_epoch(net, opt, sched, batches, batch_size, seed, generation, epoch, pairs, total,
-                                       on_batch)
+            self._addresses = addresses(net, masks=False)  # read once an epoch, not at every step
+            try:
+                return super().train_epoch(net, opt, sched, batches, batch_size, seed, generation, epoch, pairs,
+                                           total, on_batch)
+            finally:
+                self._addresses = None
         plan = batches.plan(batch_size, seed, generation, epoch, pairs)
         shape = (id(batches), *plan.order.shape)
         if shape not in self.statics:
